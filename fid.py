@@ -57,17 +57,18 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 
 class MnistNet(nn.Module):
-    """A small conv classifier; its 128 hidden units before the last layer are the features."""
+    """A small conv classifier; its 128 hidden units before the last ReLU are the features (after the
+    ReLU some units are always 0, which would make the covariance singular)."""
     def __init__(self):
         super().__init__()
         conv = lambda i, o: [nn.Conv2d(i, o, 3, padding=1), nn.ReLU()]
         self.features = nn.Sequential(*conv(1, 32), *conv(32, 32), nn.MaxPool2d(2), *conv(32, 64), *conv(64, 64),
                                       nn.MaxPool2d(2), *conv(64, 64), nn.MaxPool2d(2), nn.Flatten(),
-                                      nn.Linear(64 * 3 * 3, 128), nn.ReLU())
+                                      nn.Linear(64 * 3 * 3, 128))
         self.classify = nn.Sequential(nn.Dropout(0.3), nn.Linear(128, 10))
 
     def forward(self, x):
-        return self.classify(self.features(x))
+        return self.classify(F.relu(self.features(x)))
 
 
 def to_input(images):
@@ -136,7 +137,7 @@ class Extractor:
                 x = x[:, None].repeat(1, 3, 1, 1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
                 x = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False)
                 out.append(self.net(x / 128 - 1))
-            if len(images) > 5 * self.batch:  # long work: a progress line on stderr (stdout may be --json)
+            if (start // self.batch + 1) % 10 == 0:  # long work: progress on stderr (stdout may be --json)
                 print(f'{self.kind} features {start + len(x)}/{len(images)}', file=sys.stderr, flush=True)
         return torch.cat(out).double().numpy()
 
