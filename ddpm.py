@@ -31,15 +31,15 @@ class DDPMError(Exception):
 # --- noise schedule and forward process ---------------------------------------------------------------------
 class Diffusion:
     """A noise schedule and what derives from it. Steps run 1..T; index 0 is the clean image (abar 1)."""
-    def __init__(self, T=200, schedule='linear', beta_start=1e-4, beta_end=0.1, device='cpu'):
-        self.T = T
+    def __init__(self, T=200, schedule='linear', beta_start=1e-4, beta_end=0.1, device='cpu', target='eps'):
+        if schedule not in ('linear', 'cosine') or target not in ('eps', 'v'):
+            raise ValueError(f'unknown schedule {schedule!r} or target {target!r}')
+        self.T, self.target = T, target
         if schedule == 'linear':
             betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
-        elif schedule == 'cosine':  # Nichol & Dhariwal 2021, eq. 17, betas clipped at 0.999
+        else:  # cosine: Nichol & Dhariwal 2021, eq. 17, betas clipped at 0.999
             f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
             betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
-        else:
-            raise ValueError(f'unknown schedule {schedule!r}')
         betas = torch.cat([torch.zeros(1, dtype=torch.float64), betas])
         abar = torch.cumprod(1 - betas, 0)
         abar_prev = torch.cat([abar[:1], abar[:-1]])  # abar[0] = 1
@@ -55,22 +55,30 @@ class Diffusion:
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
     def loss(self, model, x0, labels=None):
-        """Mean squared error between the true and predicted noise, t uniform over 1..T."""
+        """Mean squared error of the model's output, t uniform over 1..T. The target is the noise eps, or for
+        target 'v', v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022): at the noisiest steps eps says
+        almost nothing about x0, so an eps model learns the shapes of digits slowly; v weighs x0 there."""
         t, noise = torch.randint(1, self.T + 1, (x0.shape[0],), device=x0.device), torch.randn_like(x0)
-        return F.mse_loss(model(self.q_sample(x0, t, noise), t / self.T, labels), noise)
+        abar = self.abar[t].view(-1, *[1] * (x0.dim() - 1))
+        target = noise if self.target == 'eps' else abar.sqrt() * noise - (1 - abar).sqrt() * x0
+        return F.mse_loss(model(self.q_sample(x0, t, noise), t / self.T, labels), target)
 
     def predict(self, model, x, t, labels=None, guidance=0.0):
         """The model's noise and clean-image estimates at step t (an int), with classifier-free guidance
         when labels are given. x0 is clipped to the data range [-1, 1] and eps made consistent with it."""
         tt = torch.full((x.shape[0],), t / self.T, device=x.device)
         if labels is None or guidance == 0:
-            eps = model(x, tt, labels)
+            out = model(x, tt, labels)
         else:  # one forward pass of 2N: conditional, then unconditional ("no label" = num_classes)
             null = torch.full_like(labels, model.num_classes)
-            eps_c, eps_u = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null])).chunk(2)
-            eps = (1 + guidance) * eps_c - guidance * eps_u
+            out_c, out_u = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null])).chunk(2)
+            out = (1 + guidance) * out_c - guidance * out_u  # eps or v: either is linear in the other at fixed x
         abar = self.abar[t]
-        x0 = ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
+        if self.target == 'eps':
+            x0 = (x - (1 - abar).sqrt() * out) / abar.sqrt()
+        else:  # v = sqrt(abar) eps - sqrt(1 - abar) x0, and x = sqrt(abar) x0 + sqrt(1 - abar) eps
+            x0 = abar.sqrt() * x - (1 - abar).sqrt() * out
+        x0 = x0.clamp(-1, 1)
         return (x - abar.sqrt() * x0) / (1 - abar).sqrt(), x0
 
 # --- the ScoreNet: a time-dependent U-Net that predicts the noise eps(x_t, t) -------------------------------
@@ -172,18 +180,14 @@ def load_images(dataset, root, train=True, limit=None):
     x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)  # gray (N, H, W) or color (N, H, W, C)
     return x.float() / 127.5 - 1, torch.as_tensor(ds.targets)[:limit]
 
-def to_uint8(x):
-    """[-1, 1] floats (N, C, H, W) to uint8 arrays (N, H, W), or (N, H, W, C) for color."""
+def to_uint8(x):  # [-1, 1] floats (N, C, H, W) to uint8 arrays (N, H, W), or (N, H, W, C) for color
     x = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return x[..., 0] if x.shape[-1] == 1 else x
 
-def save_grid(x, path, nrow=None):
-    save_image((x + 1) / 2, path, nrow=nrow or math.ceil(math.sqrt(len(x))), padding=2)
-
 # --- checkpoints: one file with everything needed to sample or to resume exactly ----------------------------
 FORMAT = 'ddpm.py checkpoint v1'
-MODEL_DEFAULTS = dict(dataset='mnist', widths=(32, 64, 128, 256), cond=False, T=200, schedule='linear',
-                      beta_start=1e-4, beta_end=0.1)  # a checkpoint's model; resuming may not contradict it
+MODEL = ('dataset', 'widths', 'cond', 'T', 'schedule', 'beta_start', 'beta_end', 'target')  # fixed by a checkpoint
+RESUMED = (*MODEL, 'epochs', 'minutes', 'batch', 'lr', 'ema', 'p_uncond', 'every', 'limit', 'seed')
 
 def save_checkpoint(path, state):
     """Write a temporary file in the same folder, fsync, rename over the old one: a crash at any point
@@ -199,8 +203,7 @@ def save_checkpoint(path, state):
         tmp.unlink(missing_ok=True)
         raise DDPMError(f'cannot write checkpoint {path}: {e.strerror or e}')
 
-def load_checkpoint(path):
-    """Load a checkpoint safely: weights_only refuses pickles that would run code."""
+def load_checkpoint(path):  # weights_only refuses pickles that would run code
     if not Path(path).is_file():
         raise DDPMError(f'checkpoint {path} not found (train one with: python ddpm.py train)')
     try:
@@ -211,10 +214,9 @@ def load_checkpoint(path):
         raise DDPMError(f'{path} is not a ddpm.py checkpoint')
     return ckpt
 
-def build(c, device):
-    """The diffusion schedule and the model that a checkpoint's config `c` describes."""
+def build(c, device):  # the diffusion and the model that a checkpoint's config `c` describes
     model = ScoreNet(c['shape'][0], c['widths'], num_classes=10 if c['cond'] else 0).to(device)
-    return Diffusion(c['T'], c['schedule'], c['beta_start'], c['beta_end'], device), model
+    return Diffusion(c['T'], c['schedule'], c['beta_start'], c['beta_end'], device, c.get('target', 'eps')), model
 
 def pick_device(name):  # 'auto': CUDA, then MPS, then the CPU
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
@@ -233,8 +235,7 @@ def ema_update(decay):
             e.lerp_(p, 1 - d)
     return update
 
-def check_writable(folder):
-    """Fail now, not after an epoch of work, if nothing can be written to `folder`."""
+def check_writable(folder):  # fail now, not after an epoch of work, if `folder` is not writable
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
@@ -245,40 +246,40 @@ def train(args):
     device, out = pick_device(args.device), Path(args.out)
     check_writable(out)
     ckpt_path, ckpt = out / 'ckpt.pt', load_checkpoint(args.resume) if args.resume else None
-    for k, saved in (ckpt['config'].items() if ckpt else ()):  # model and schedule come from the checkpoint
-        if k in MODEL_DEFAULTS and getattr(args, k) not in (MODEL_DEFAULTS[k], saved):
+    defaults = vars(build_parser().parse_args(['train']))
+    for k in RESUMED if ckpt else ():  # flags left at their defaults continue the checkpoint's run
+        saved = ckpt['args'].get(k, defaults[k])
+        if k in MODEL and getattr(args, k) not in (defaults[k], saved):
             raise DDPMError(f'--{k.replace("_", "-")} {getattr(args, k)} contradicts the checkpoint ({saved})')
-        setattr(args, k, saved)
+        setattr(args, k, saved if getattr(args, k) == defaults[k] else getattr(args, k))
     torch.manual_seed(args.seed)
     images, labels = (a.to(device) for a in load_images(args.dataset, args.data, train=True, limit=args.limit))
-    config = {k: getattr(args, k) for k in MODEL_DEFAULTS} | {'shape': tuple(images.shape[1:])}
+    config = {k: getattr(args, k) for k in MODEL} | {'shape': tuple(images.shape[1:])}
     diffusion, model = build(config, device)
     ema = AveragedModel(model, multi_avg_fn=ema_update(args.ema))
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     batch = min(args.batch, len(images))
     steps_per_epoch = len(images) // batch
-    total = args.epochs * steps_per_epoch
-    warmup = min(500, max(1, total // 10))  # 500 steps; short runs warm up for a tenth of their steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warmup) *  # linear warm-up,
+    total = cap = args.epochs * steps_per_epoch  # with --minutes, re-planned every step from the measured pace
+    warmup = lambda: min(500, max(1, total // 10))  # 500 steps; short runs warm up for a tenth of their steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warmup()) *  # linear warm-up,
                                                   0.5 * (1 + math.cos(math.pi * min(s / total, 1))))  # cosine to 0
-    parts, step, cuda = {'model': model, 'optimizer': opt, 'scheduler': scheduler}, 0, device.type == 'cuda'
+    parts = {'model': model, 'optimizer': opt, 'scheduler': scheduler, 'ema': ema.module}  # saved state_dicts
+    step, used, cuda = 0, 0.0, device.type == 'cuda'
     if ckpt:
         for name, part in parts.items():
             part.load_state_dict(ckpt[name])
-        ema.module.load_state_dict(ckpt['ema'])
         ema.n_averaged.fill_(ckpt['ema_n'])
-        step = ckpt['step']
+        step, used = ckpt['step'], ckpt.get('seconds', 0.0)
         torch.set_rng_state(ckpt['rng'][0])
-        if cuda:
-            torch.cuda.set_rng_state_all(ckpt['rng'][1:])
+        torch.cuda.set_rng_state_all(ckpt['rng'][1:])  # no-op without CUDA
         print(f'resumed {args.resume} at step {step} (epoch {step / steps_per_epoch:.2f})')
 
     def save():
-        rng = [torch.get_rng_state()] + (torch.cuda.get_rng_state_all() if cuda else [])
         save_checkpoint(ckpt_path, {k: p.state_dict() for k, p in parts.items()} | {
-            'format': FORMAT, 'config': config, 'args': vars(args), 'step': step, 'rng': rng,
-            'ema': ema.module.state_dict(), 'ema_n': int(ema.n_averaged)})
-
+            'format': FORMAT, 'config': config, 'args': vars(args), 'step': step, 'total': total, 'seconds': seconds(),
+            'ema_n': int(ema.n_averaged), 'rng': [torch.get_rng_state(), *torch.cuda.get_rng_state_all()]})
+    seconds = lambda: used + time.time() - t0  # training time of this run, all sessions together
     stop = []  # the name of the signal that asked us to stop
 
     def on_signal(signum, frame):
@@ -286,10 +287,9 @@ def train(args):
             os._exit(130)
         stop.append(signal.Signals(signum).name)
         print(f'\n{stop[0]}: finishing this step, then saving (Ctrl-C again quits at once)', file=sys.stderr)
-
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    print(f'training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {len(images)} '
-          f'images: {total} steps ({args.epochs} epochs of {steps_per_epoch}) on {device}', flush=True)
+    print(f'training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {len(images)} images: '
+          f'{total} steps of {batch} on {device}' + (f', at most {args.minutes:g} minutes' if args.minutes else ''))
     start_step, t0 = step, time.time()
     last_log, loss_sum, loss_count, order = t0, 0.0, 0, None
     try:
@@ -309,34 +309,36 @@ def train(args):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            scheduler.step()
             ema.update_parameters(model)
             step, loss_sum, loss_count = step + 1, loss_sum + loss.detach(), loss_count + 1
+            if args.minutes and step >= 10:  # end the schedule when the budget ends, at the pace so far
+                total = min(cap, step + max(0, round((args.minutes * 60 - seconds()) * step / seconds())))
+            scheduler.step()
             if time.time() - last_log >= 5 or step == total:  # a progress line every 5 s
                 last_log, elapsed, lr = time.time(), time.time() - t0, scheduler.get_last_lr()[0]
                 rate, mean_loss = (step - start_step) * batch / elapsed, loss_sum.item() / loss_count
                 with open(out / 'log.csv', 'a') as f:  # for loss curves: step, epoch, loss, lr, seconds
                     f.write(f'{step},{step / steps_per_epoch:.3f},{mean_loss:.5f},{lr:.3e},{elapsed:.1f}\n')
-                print(f'epoch {epoch + 1}/{args.epochs} step {step}/{total} loss {mean_loss:.4f} lr {lr:.2e} '
-                      f'{rate:.0f} img/s {elapsed / 60:.1f}m eta {(total - step) * batch / rate / 60:.1f}m', flush=True)
+                print(f'epoch {epoch + 1} step {step}/{total} loss {mean_loss:.4f} lr {lr:.2e} {rate:.0f} img/s '
+                      f'{elapsed / 60:.1f}m eta {(total - step) * batch / rate / 60:.1f}m', flush=True)
                 loss_sum, loss_count = 0.0, 0
-            if step % steps_per_epoch == 0 and (step // steps_per_epoch % args.every == 0 or step == total):
+            if step == total or step % steps_per_epoch == 0 and step // steps_per_epoch % args.every == 0:
                 save()  # and a grid, drawn with its own generator so that the training RNG stays untouched
                 n, digits = (100, torch.arange(100, device=device) % 10) if args.cond else (64, None)
                 x = sample(ema.module, diffusion, (n, *config['shape']), labels=digits, guidance=1.0,
                            generator=torch.Generator(device).manual_seed(0))
-                save_grid(x, out / f'samples_epoch{epoch + 1}.png')
+                save_image((x + 1) / 2, out / f'samples_epoch{epoch + 1}.png', nrow=round(math.sqrt(n)))
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
     if stop:
         save()
         sys.exit(f'{stop[0]} at step {step}: saved {ckpt_path}; continue with: python ddpm.py train '
-                 f'--resume {ckpt_path} --out {out}')
-    seconds = time.time() - t0
+                 f'--resume {ckpt_path} --out {out}')  # flags left out continue the checkpoint's run
+    wall = time.time() - t0
     peak = (f'{torch.cuda.max_memory_allocated() / 2**20:.0f} MB GPU' if cuda else
             f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB RSS')
-    print(f'done: {step - start_step} steps in {seconds / 60:.1f}m, {(step - start_step) * batch / seconds:.0f} '
+    print(f'done: {step - start_step} steps in {wall / 60:.1f}m, {(step - start_step) * batch / wall:.0f} '
           f'img/s, peak memory {peak}; checkpoint {ckpt_path}')
 
 # --- sampling command ---------------------------------------------------------------------------------------
@@ -350,7 +352,7 @@ def generate(args):
             raise DDPMError(f'{args.ckpt} was trained without --cond, so it cannot draw a chosen --digit')
         nrow = math.ceil(n / 10) if args.digit == 'all' else None  # 'all': one row per digit
         labels = (torch.arange(n) // nrow if args.digit == 'all' else torch.full((n,), int(args.digit))).to(device)
-    for path in filter(None, (args.out, args.npz, args.gif)):
+    for path in (outputs := [p for p in (args.out, args.npz, args.gif) if p]):
         check_writable(Path(path).parent)
     gen, chunks, frames, t0 = torch.Generator(device).manual_seed(args.seed), [], [], time.time()
     for start in range(0, n, args.batch):
@@ -359,16 +361,15 @@ def generate(args):
                              None if labels is None else labels[start:start + b], args.guidance, gen,
                              frames if start == 0 and args.gif else None).cpu())
         print(f'{start + b}/{n} samples, {(start + b) / (time.time() - t0):.1f} samples/s', flush=True)
-    x = torch.cat(chunks)
-    print(f'done: {n} samples in {time.time() - t0:.1f}s with {args.sampler}, '
-          f'{diffusion.T if args.sampler == "ddpm" else args.steps} network evaluations each')
+    x, seconds, nfe = torch.cat(chunks), time.time() - t0, diffusion.T if args.sampler == 'ddpm' else args.steps
     if args.out:
-        save_grid(x[:400], args.out, nrow)
+        save_image((x[:400] + 1) / 2, args.out, nrow=nrow or math.ceil(math.sqrt(min(n, 400))))
     if args.npz:
         np.savez_compressed(args.npz, samples=to_uint8(x))
     if args.gif:
         save_gif(frames, args.gif)
-    print('wrote', ', '.join(filter(None, (args.out, args.npz, args.gif))))
+    print(f'done: {n} samples in {seconds:.1f}s, {n / seconds:.1f} samples/s, {args.sampler} with {nfe} network '
+          f'evaluations each; wrote {", ".join(outputs)}')
 
 def save_gif(frames, path, count=40):
     """The first 64 images' reverse process: `count` frames evenly spaced, the last held for 2 s."""
@@ -382,8 +383,7 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not the usage block
         self.exit(2, f'{self.prog}: error: {message}\n')
 
-def number(kind, lo, hi=math.inf):
-    """An argparse type: a number of `kind` in [lo, hi]."""
+def number(kind, lo, hi=math.inf):  # an argparse type: a number of `kind` in [lo, hi]
     def parse(text):
         if not lo <= kind(text) <= hi:  # argparse reports a ValueError as "invalid <kind> value"
             raise argparse.ArgumentTypeError(f'{text} is out of range [{lo}, {hi}]')
@@ -391,8 +391,7 @@ def number(kind, lo, hi=math.inf):
     parse.__name__ = kind.__name__
     return parse
 
-def widths(text):
-    """An argparse type: channels per U-Net level, like 32,64,128."""
+def widths(text):  # an argparse type: channels per U-Net level, like 32,64,128
     ws = tuple(number(int, 1)(w) for w in text.split(','))
     if len(ws) < 2:
         raise argparse.ArgumentTypeError(f'--widths needs two or more levels, got {text!r}')
@@ -407,21 +406,21 @@ def build_parser():
     t.add_argument('--dataset', choices=DATASETS, default='mnist', help='torchvision dataset')
     t.add_argument('--out', default='runs/mnist', help='folder for ckpt.pt, samples_epochE.png and log.csv')
     t.add_argument('--epochs', type=number(int, 1), default=60, help='passes over the training set')
+    t.add_argument('--minutes', type=number(float, 0.01), help='wall-clock budget; the schedule ends on time')
     t.add_argument('--batch', type=number(int, 1), default=100, help='images per step')
     t.add_argument('--lr', type=number(float, 1e-8, 1.0), default=2e-3, help='peak Adam learning rate')
     t.add_argument('--ema', type=number(float, 0.0, 0.99999), default=0.999, help='EMA decay (0: no EMA)')
     t.add_argument('--T', type=number(int, 1, 10000), default=200, help='diffusion steps')
     t.add_argument('--schedule', choices=('linear', 'cosine'), default='linear', help='noise schedule')
+    t.add_argument('--target', choices=('eps', 'v'), default='eps', help='what the network predicts')
     t.add_argument('--beta-start', type=number(float, 1e-8, 0.999), default=1e-4, help='linear schedule: first beta')
     t.add_argument('--beta-end', type=number(float, 1e-8, 0.999), default=0.1, help='linear schedule: last beta')
-    t.add_argument('--widths', type=widths, default=MODEL_DEFAULTS['widths'], help='channels per U-Net level')
+    t.add_argument('--widths', type=widths, default=(32, 64, 128, 256), help='channels per U-Net level')
     t.add_argument('--cond', action='store_true', help='class-conditional, for sample --digit')
     t.add_argument('--p-uncond', type=number(float, 0.0, 1.0), default=0.1, help='label dropout with --cond')
     t.add_argument('--every', type=number(int, 1), default=1, help='checkpoint and grid every N epochs')
     t.add_argument('--limit', type=number(int, 1), help='train on the first N images only (smoke runs)')
     t.add_argument('--resume', metavar='CKPT', help='continue this checkpoint (--epochs may extend the run)')
-    t.add_argument('--seed', type=int, default=0, help='seed of every random choice (exact resume)')
-    t.add_argument('--device', default='auto', help='auto (cuda, mps, cpu), cpu, cuda, cuda:1, mps')
     s = sub.add_parser('sample', formatter_class=fmt, help='draw samples from a checkpoint')
     s.add_argument('--ckpt', default='runs/mnist/ckpt.pt', help="checkpoint (train's default output)")
     s.add_argument('--out', default='grid.png', help="PNG grid of the first 400 samples ('' for none)")
@@ -434,9 +433,10 @@ def build_parser():
     s.add_argument('--digit', choices=[str(d) for d in range(10)] + ['all'], help='digit to draw (--cond models)')
     s.add_argument('--guidance', type=number(float, 0.0, 100.0), default=1.0, help='classifier-free guidance')
     s.add_argument('--batch', type=number(int, 1), default=500, help='samples per forward pass')
-    s.add_argument('--seed', type=int, default=0, help='same seed, same samples')
     s.add_argument('--no-ema', action='store_true', help='use the raw weights instead of the EMA')
-    s.add_argument('--device', default='auto', help='auto (cuda, mps, cpu), cpu, cuda, cuda:1, mps')
+    for q in (t, s):
+        q.add_argument('--seed', type=int, default=0, help='seed of every random choice: same seed, same result')
+        q.add_argument('--device', default='auto', help='auto (cuda, mps, cpu), cpu, cuda, cuda:1, mps')
     return p
 
 def main(argv=None):

@@ -33,10 +33,11 @@ def run(*args, timeout=300):
 
 
 def oracle(diffusion, x0):
-    """A 'model' that knows the clean images x0 and returns the true noise of any x_t."""
+    """A 'model' that knows the clean images x0 and returns the true noise of any x_t (or v, for target 'v')."""
     def model(x, t, labels=None):
         abar = diffusion.abar[(t * diffusion.T).round().long()].view(-1, 1, 1, 1)
-        return (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+        eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+        return eps if diffusion.target == 'eps' else abar.sqrt() * eps - (1 - abar).sqrt() * x0
     model.parameters = lambda: iter([x0])  # sample() reads the device from the parameters
     return model
 
@@ -117,12 +118,27 @@ def test_ddpm_step_is_the_closed_form_posterior():
     torch.testing.assert_close(frames[-1], x0, atol=1e-4, rtol=0)  # and the chain ends on x0
 
 
+@pytest.mark.parametrize('target', ['eps', 'v'])
 @pytest.mark.parametrize('sampler', ['ddim', 'dpm++'])
 @pytest.mark.parametrize('steps', [1, 3, 10, 50])
-def test_deterministic_samplers_recover_x0_with_an_oracle(sampler, steps):
-    d, x0 = ddpm.Diffusion(T=50), torch.rand(4, 1, 8, 8) * 2 - 1
+def test_deterministic_samplers_recover_x0_with_an_oracle(sampler, steps, target):
+    d, x0 = ddpm.Diffusion(T=50, target=target), torch.rand(4, 1, 8, 8) * 2 - 1
     x = ddpm.sample(oracle(d, x0), d, x0.shape, sampler, steps, eta=0.0, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(x, x0, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize('target', ['eps', 'v'])
+def test_loss_of_an_oracle_is_zero_and_v_is_its_formula(target):
+    d, x0 = ddpm.Diffusion(T=50, target=target), torch.rand(6, 3, 8, 8) * 2 - 1
+    assert d.loss(oracle(d, x0), x0).item() < 1e-10
+    torch.manual_seed(0)  # and a model that outputs the noise scores on v what the v formula says
+    t, noise = torch.randint(1, 51, (6,)), torch.randn_like(x0)
+    torch.manual_seed(0)
+    loss = d.loss(lambda x, tt, labels: noise, x0)
+    abar = d.abar[t].double().view(-1, 1, 1, 1)
+    v = abar.sqrt() * noise.double() - (1 - abar).sqrt() * x0.double()
+    expected = 0.0 if target == 'eps' else ((noise.double() - v) ** 2).mean().item()
+    assert abs(loss.item() - expected) < 1e-6
 
 
 def test_ddim_eta1_on_all_steps_is_the_ddpm_step():
@@ -225,6 +241,29 @@ def test_resume_refuses_contradicting_flags(tmp_path):
     assert r.returncode != 0 and '--T 50 contradicts the checkpoint (20)' in r.stderr
 
 
+def test_resume_without_flags_continues_the_checkpoints_schedule(tmp_path):
+    needs_mnist()
+    ddpm.main(['train', *TINY, '--epochs', '1', '--lr', '1e-3', '--out', str(tmp_path)])
+    ddpm.main(['train', '--data', DATA, '--resume', str(tmp_path / 'ckpt.pt'), '--out', str(tmp_path)])
+    ckpt = ddpm.load_checkpoint(tmp_path / 'ckpt.pt')  # not the defaults' 60 epochs of batch 100 at lr 2e-3
+    assert ckpt['step'] == 4 and ckpt['args']['lr'] == 1e-3 and ckpt['args']['batch'] == 50
+
+
+def test_minutes_budget_ends_on_time_with_the_schedule_ended(tmp_path):
+    needs_mnist()
+    budget = 0.1  # minutes; a tiny step takes ~0.05 s, a checkpoint and grid ~0.3 s
+    ddpm.main(['train', *TINY, '--minutes', str(budget), '--out', str(tmp_path)])
+    ckpt = ddpm.load_checkpoint(tmp_path / 'ckpt.pt')
+    assert 0.8 * budget * 60 < ckpt['seconds'] < budget * 60 + 2, ckpt['seconds']
+    assert ckpt['step'] == ckpt['total'] < 240 and ckpt['scheduler']['_last_lr'][0] == 0  # ended on time at LR 0
+    last_log_line = (tmp_path / 'log.csv').read_text().splitlines()[-1].split(',')
+    assert float(last_log_line[3]) == 0
+    ddpm.main(['train', *TINY, '--minutes', str(2 * budget), '--out', str(tmp_path),  # resume: the rest of
+               '--resume', str(tmp_path / 'ckpt.pt')])                             # a doubled budget
+    resumed = ddpm.load_checkpoint(tmp_path / 'ckpt.pt')
+    assert 1.8 * budget * 60 < resumed['seconds'] < 2 * budget * 60 + 2 and resumed['step'] > ckpt['step']
+
+
 def test_label_dropout_happens_at_the_configured_rate(tmp_path, monkeypatch):
     needs_mnist()
     seen, loss = [], ddpm.Diffusion.loss
@@ -233,6 +272,24 @@ def test_label_dropout_happens_at_the_configured_rate(tmp_path, monkeypatch):
                '--out', str(tmp_path)])
     labels = torch.cat(seen)
     assert len(labels) == 1000 and abs((labels == 10).float().mean().item() - 0.3) < 0.05
+
+
+def test_tiny_conditional_overfit_draws_the_requested_class(tmp_path, monkeypatch):
+    needs_mnist()
+    images, labels = ddpm.load_images('mnist', DATA, limit=1000)
+    zeros_and_ones = (labels == 0) | (labels == 1)
+    monkeypatch.setattr(ddpm, 'load_images', lambda *a, **k: (images[zeros_and_ones][:20],
+                                                              labels[zeros_and_ones][:20]))
+    ddpm.main(['train', '--data', DATA, '--cond', '--T', '20', '--schedule', 'cosine', '--target', 'v',
+               '--batch', '10', '--lr', '3e-3', '--epochs', '200', '--every', '1000', '--out', str(tmp_path)])
+    ckpt = ddpm.load_checkpoint(tmp_path / 'ckpt.pt')
+    diffusion, model = ddpm.build(ckpt['config'], 'cpu')
+    model.load_state_dict(ckpt['ema'])
+    wanted = torch.tensor([0, 1] * 20)
+    x = ddpm.sample(model, diffusion, (40, 1, 28, 28), 'dpm++', 20, labels=wanted, guidance=1.0,
+                    generator=torch.Generator().manual_seed(0))
+    drawn = fid.Extractor('mnist').net(fid.to_input(ddpm.to_uint8(x))).argmax(1)
+    assert (drawn == wanted).float().mean() >= 0.8, drawn.tolist()  # measured: 0.95 (38 of 40) at 400 steps
 
 
 @pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])
