@@ -132,7 +132,7 @@ class ScoreNet(nn.Module):
         return self.out(torch.cat([h, x], dim=1))
 
 # --- samplers: each walks the steps T = t_0 > t_1 > ... > t_n = 0 from pure noise ---------------------------
-@torch.no_grad()
+@torch.inference_mode()
 def sample(model, diffusion, shape, sampler='ddpm', steps=None, eta=0.0, labels=None, guidance=0.0,
            generator=None, frames=None):
     """Images of `shape` (N, C, H, W) in [-1, 1]: 'ddpm' is Ho et al.'s Algorithm 2 on all T steps; 'ddim'
@@ -407,8 +407,8 @@ def build_parser():
     t.add_argument('--out', default='runs/mnist', help='folder for ckpt.pt, samples_epochE.png and log.csv')
     t.add_argument('--epochs', type=number(int, 1), default=60, help='passes over the training set')
     t.add_argument('--minutes', type=number(float, 0.01), help='wall-clock budget; the schedule ends on time')
-    t.add_argument('--batch', type=number(int, 1), default=100, help='images per step')
-    t.add_argument('--lr', type=number(float, 1e-8, 1.0), default=2e-3, help='peak Adam learning rate')
+    t.add_argument('--batch', type=number(int, 1), default=32, help='images per step')
+    t.add_argument('--lr', type=number(float, 1e-8, 1.0), default=3e-3, help='peak Adam learning rate')
     t.add_argument('--ema', type=number(float, 0.0, 0.99999), default=0.999, help='EMA decay (0: no EMA)')
     t.add_argument('--T', type=number(int, 1, 10000), default=200, help='diffusion steps')
     t.add_argument('--schedule', choices=('linear', 'cosine'), default='linear', help='noise schedule')

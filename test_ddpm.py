@@ -245,7 +245,7 @@ def test_resume_without_flags_continues_the_checkpoints_schedule(tmp_path):
     needs_mnist()
     ddpm.main(['train', *TINY, '--epochs', '1', '--lr', '1e-3', '--out', str(tmp_path)])
     ddpm.main(['train', '--data', DATA, '--resume', str(tmp_path / 'ckpt.pt'), '--out', str(tmp_path)])
-    ckpt = ddpm.load_checkpoint(tmp_path / 'ckpt.pt')  # not the defaults' 60 epochs of batch 100 at lr 2e-3
+    ckpt = ddpm.load_checkpoint(tmp_path / 'ckpt.pt')  # not the defaults' 60 epochs of batch 32 at lr 3e-3
     assert ckpt['step'] == 4 and ckpt['args']['lr'] == 1e-3 and ckpt['args']['batch'] == 50
 
 
