@@ -323,10 +323,10 @@ def train(args):
                       f'{elapsed / 60:.1f}m eta {(total - step) * batch / rate / 60:.1f}m', flush=True)
                 loss_sum, loss_count = 0.0, 0
             if step == total or step % steps_per_epoch == 0 and step // steps_per_epoch % args.every == 0:
-                save()  # and a grid, drawn with its own generator so that the training RNG stays untouched
+                save()  # and a grid, in 20 DPM-Solver++ steps: a tenth of the time of all T steps
                 n, digits = (100, torch.arange(100, device=device) % 10) if args.cond else (64, None)
-                x = sample(ema.module, diffusion, (n, *config['shape']), labels=digits, guidance=1.0,
-                           generator=torch.Generator(device).manual_seed(0))
+                x = sample(ema.module, diffusion, (n, *config['shape']), 'dpm++', min(20, diffusion.T), labels=digits,
+                           guidance=1.0, generator=torch.Generator(device).manual_seed(0))  # leaves the training RNG
                 save_image((x + 1) / 2, out / f'samples_epoch{epoch + 1}.png', nrow=round(math.sqrt(n)))
     finally:
         for s, handler in handlers.items():
