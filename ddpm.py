@@ -311,7 +311,7 @@ def train(args):
             opt.step()
             ema.update_parameters(model)
             step, loss_sum, loss_count = step + 1, loss_sum + loss.detach(), loss_count + 1
-            if args.minutes and step >= 10:  # end the schedule when the budget ends, at the pace so far
+            if args.minutes:  # end the schedule when the budget ends, at the pace so far
                 total = min(cap, step + max(0, round((args.minutes * 60 - seconds()) * step / seconds())))
             scheduler.step()
             if time.time() - last_log >= 5 or step == total:  # a progress line every 5 s
