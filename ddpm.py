@@ -1,23 +1,16 @@
 """
-Denoising diffusion probabilistic models (Ho et al. 2020) in one file: noise schedule, ScoreNet U-Net,
-training loop and samplers (DDPM, DDIM, DPM-Solver++), behind `python ddpm.py train|sample`.
-
-Copy this file into another project and use its pieces on any (N, C, H, W) images in [-1, 1]:
+Denoising diffusion probabilistic models (Ho et al. 2020) in one file: noise schedule, ScoreNet U-Net, training
+loop and samplers (DDPM, DDIM, DPM-Solver++), behind `python ddpm.py train|sample`. Copy this file into another
+project and use its pieces on any (N, C, H, W) images in [-1, 1]:
     diffusion = Diffusion(T=200); model = ScoreNet(channels=3)
     loss = diffusion.loss(model, images); images = sample(model, diffusion, (16, 3, 32, 32))
 """
-import argparse
-import math
-import os
-import resource
-import signal
-import sys
-import tempfile
-import time
+import argparse, math, os, resource, signal, sys, tempfile, time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -54,18 +47,18 @@ class Diffusion:
         abar = self.abar[t].view(-1, *[1] * (x0.dim() - 1))
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
-    def loss(self, model, x0, labels=None):
-        """Mean squared error of the model's output, t uniform over 1..T. The target is the noise eps, or for
-        target 'v', v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022): at the noisiest steps eps says
-        almost nothing about x0, so an eps model learns the shapes of digits slowly; v weighs x0 there."""
-        t, noise = torch.randint(1, self.T + 1, (x0.shape[0],), device=x0.device), torch.randn_like(x0)
+    def loss(self, model, x0, labels=None, t=None, noise=None):
+        """Mean squared error of the model's output, t uniform over 1..T unless given. The target is the noise
+        eps, or for target 'v', v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022): at the noisiest steps
+        eps says almost nothing about x0, so an eps model learns the shapes of digits slowly; v weighs x0 there."""
+        t = torch.randint(1, self.T + 1, (x0.shape[0],), device=x0.device) if t is None else t
+        noise = torch.randn_like(x0) if noise is None else noise
         abar = self.abar[t].view(-1, *[1] * (x0.dim() - 1))
         target = noise if self.target == 'eps' else abar.sqrt() * noise - (1 - abar).sqrt() * x0
         return F.mse_loss(model(self.q_sample(x0, t, noise), t / self.T, labels), target)
 
     def predict(self, model, x, t, labels=None, guidance=0.0):
-        """The model's noise and clean-image estimates at step t (an int), with classifier-free guidance
-        when labels are given. x0 is clipped to the data range [-1, 1] and eps made consistent with it."""
+        """(eps, x0) at step t (an int), x0 clipped to [-1, 1]; classifier-free guidance when labels are given."""
         tt = torch.full((x.shape[0],), t / self.T, device=x.device)
         if labels is None or guidance == 0:
             out = model(x, tt, labels)
@@ -139,16 +132,13 @@ def sample(model, diffusion, shape, sampler='ddpm', steps=None, eta=0.0, labels=
     (Song et al. 2020) and 'dpm++' (DPM-Solver++(2M), Lu et al. 2022) take `steps` even steps. `frames`
     (a list) collects every step's x, for animations."""
     d, device = diffusion, next(model.parameters()).device
-    if sampler not in ('ddpm', 'ddim', 'dpm++'):
-        raise ValueError(f'unknown sampler {sampler!r}')
     steps = d.T if sampler == 'ddpm' or steps is None else steps
-    if not 1 <= steps <= d.T:
-        raise ValueError(f'steps must be in 1..{d.T} (the T it was trained with), got {steps}')
+    if sampler not in ('ddpm', 'ddim', 'dpm++') or not 1 <= steps <= d.T:
+        raise ValueError(f'{sampler!r} with {steps} steps: use ddpm, ddim or dpm++ with steps in 1..{d.T} (its T)')
     ts = torch.linspace(d.T, 0, steps + 1).round().long().tolist()
-    x = torch.randn(shape, generator=generator, device=device)
+    x, x0_prev = torch.randn(shape, generator=generator, device=device), None
     noise = lambda: torch.randn(shape, generator=generator, device=device)
     lam = lambda u: 0.5 * torch.log(d.abar[u] / (1 - d.abar[u]))  # log signal-to-noise ratio, for dpm++
-    x0_prev = None
     for i, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
         eps, x0 = d.predict(model, x, t, labels, guidance)
         if sampler == 'ddpm':  # the posterior q(x_{t-1} | x_t, x0) with the predicted x0
@@ -189,9 +179,7 @@ FORMAT = 'ddpm.py checkpoint v1'
 MODEL = ('dataset', 'widths', 'cond', 'T', 'schedule', 'beta_start', 'beta_end', 'target')  # fixed by a checkpoint
 RESUMED = (*MODEL, 'epochs', 'minutes', 'batch', 'lr', 'ema', 'p_uncond', 'every', 'limit', 'seed')
 
-def save_checkpoint(path, state):
-    """Write a temporary file in the same folder, fsync, rename over the old one: a crash at any point
-    leaves the old or the new checkpoint, never a broken one."""
+def save_checkpoint(path, state):  # a temporary file, fsync, rename: a crash leaves the old or the new file
     tmp = Path(f'{path}.tmp')
     try:
         with open(tmp, 'wb') as f:
@@ -218,32 +206,30 @@ def build(c, device):  # the diffusion and the model that a checkpoint's config 
     model = ScoreNet(c['shape'][0], c['widths'], num_classes=10 if c['cond'] else 0).to(device)
     return Diffusion(c['T'], c['schedule'], c['beta_start'], c['beta_end'], device, c.get('target', 'eps')), model
 
-def pick_device(name):  # 'auto': CUDA, then MPS, then the CPU
+def pick_device(name):  # 'auto': CUDA (under torchrun, this process's GPU), then MPS, then the CPU
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    name = ('cuda' if cuda else 'mps' if mps else 'cpu') if name == 'auto' else name
+    if name == 'auto':
+        name = f'cuda:{os.environ.get("LOCAL_RANK", 0)}' if cuda else 'mps' if mps else 'cpu'
     if name.startswith('cuda') and not cuda or name == 'mps' and not mps:
         raise DDPMError(f'--device {name} is not available on this machine')
     return torch.device(name)
 
 # --- training -----------------------------------------------------------------------------------------------
-def ema_update(decay):
-    """EMA whose decay warms up as (1 + n) / (10 + n) to `decay`, so that a short run is not dragged
-    toward the random initialization. Decay 0 makes the "EMA" a copy of the weights."""
-    def update(ema_params, params, num_averaged):
-        d = min(decay, (1 + num_averaged.item()) / (10 + num_averaged.item()))
-        for e, p in zip(ema_params, params):
-            e.lerp_(p, 1 - d)
+def ema_update(decay):  # an EMA whose decay warms up as (1 + n) / (10 + n) to `decay`, so that a short run is
+    def update(ema_params, params, n):  # not dragged toward the initialization; decay 0: a copy of the weights
+        torch._foreach_lerp_(ema_params, params, 1 - min(decay, (1 + n.item()) / (10 + n.item())))
     return update
 
 def check_writable(folder):  # fail now, not after an epoch of work, if `folder` is not writable
-    try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        raise DDPMError(f'cannot write to {folder}: {e.strerror or e}')
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    tempfile.TemporaryFile(dir=folder).close()
 
 def train(args):
-    device, out = pick_device(args.device), Path(args.out)
+    rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))  # set by torchrun
+    device, out, log = pick_device(args.device), Path(args.out), print if rank == 0 else lambda *a, **k: None
+    cuda = device.type == 'cuda'
+    if world > 1:  # DDP: each of the `world` processes takes its share of every batch; rank 0 logs and saves
+        dist.init_process_group('nccl' if cuda else 'gloo', device_id=device if cuda else None)
     check_writable(out)
     ckpt_path, ckpt = out / 'ckpt.pt', load_checkpoint(args.resume) if args.resume else None
     defaults = vars(build_parser().parse_args(['train']))
@@ -260,12 +246,17 @@ def train(args):
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     batch = min(args.batch, len(images))
     steps_per_epoch = len(images) // batch
+    if batch % world:
+        raise DDPMError(f'--batch {batch} does not split evenly over {world} processes')
+    mine = slice(rank * batch // world, (rank + 1) * batch // world)  # this process's share of each batch
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model  # averages the gradients
+    net = torch.compile(net) if args.compile else net
     total = cap = args.epochs * steps_per_epoch  # with --minutes, re-planned every step from the measured pace
     warmup = lambda: min(500, max(1, total // 10))  # 500 steps; short runs warm up for a tenth of their steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warmup()) *  # linear warm-up,
                                                   0.5 * (1 + math.cos(math.pi * min(s / total, 1))))  # cosine to 0
     parts = {'model': model, 'optimizer': opt, 'scheduler': scheduler, 'ema': ema.module}  # saved state_dicts
-    step, used, cuda = 0, 0.0, device.type == 'cuda'
+    step, used = 0, 0.0
     if ckpt:
         for name, part in parts.items():
             part.load_state_dict(ckpt[name])
@@ -273,22 +264,20 @@ def train(args):
         step, used = ckpt['step'], ckpt.get('seconds', 0.0)
         torch.set_rng_state(ckpt['rng'][0])
         torch.cuda.set_rng_state_all(ckpt['rng'][1:])  # no-op without CUDA
-        print(f'resumed {args.resume} at step {step} (epoch {step / steps_per_epoch:.2f})')
-
+        log(f'resumed {args.resume} at step {step} (epoch {step / steps_per_epoch:.2f})')
     def save():
         save_checkpoint(ckpt_path, {k: p.state_dict() for k, p in parts.items()} | {
             'format': FORMAT, 'config': config, 'args': vars(args), 'step': step, 'total': total, 'seconds': seconds(),
             'ema_n': int(ema.n_averaged), 'rng': [torch.get_rng_state(), *torch.cuda.get_rng_state_all()]})
     seconds = lambda: used + time.time() - t0  # training time of this run, all sessions together
     stop = []  # the name of the signal that asked us to stop
-
     def on_signal(signum, frame):
         if stop:  # a second Ctrl-C: leave at once
             os._exit(130)
         stop.append(signal.Signals(signum).name)
-        print(f'\n{stop[0]}: finishing this step, then saving (Ctrl-C again quits at once)', file=sys.stderr)
+        log(f'\n{stop[0]}: finishing this step, then saving (Ctrl-C again quits at once)', file=sys.stderr)
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    print(f'training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {len(images)} images: '
+    log(f'training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {len(images)} images: '
           f'{total} steps of {batch} on {device}' + (f', at most {args.minutes:g} minutes' if args.minutes else ''))
     start_step, t0 = step, time.time()
     last_log, loss_sum, loss_count, order = t0, 0.0, 0, None
@@ -299,13 +288,13 @@ def train(args):
                 order = torch.randperm(len(images), generator=torch.Generator().manual_seed(
                     args.seed * 100_003 + epoch)).to(device)
             idx = order[i * batch:(i + 1) * batch]
-            y = None  # with --cond, labels drop to "no label" (10) at rate p_uncond: one model, both modes
-            if args.cond:
-                y = torch.where(torch.rand(len(idx), device=device) < args.p_uncond, 10, labels[idx])
-            loss = diffusion.loss(model, images[idx], y)
-            if not torch.isfinite(loss):
-                raise DDPMError(f'loss became {loss.item()} at step {step + 1}: training diverged; try a lower '
-                                f'--lr than {args.lr} (the last good checkpoint, {ckpt_path}, is kept)')
+            x0, y = images[idx], None
+            if args.cond:  # labels drop to "no label" (10) at rate p_uncond: one model, both modes
+                y = torch.where(torch.rand(batch, device=device) < args.p_uncond, 10, labels[idx])[mine]
+            # every process draws the whole batch's t and noise and takes its share: K processes draw what one would
+            t, noise = torch.randint(1, diffusion.T + 1, (batch,), device=device), torch.randn_like(x0)
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+                loss = diffusion.loss(net, x0[mine], y, t[mine], noise[mine])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -313,16 +302,25 @@ def train(args):
             step, loss_sum, loss_count = step + 1, loss_sum + loss.detach(), loss_count + 1
             if args.minutes:  # end the schedule when the budget ends, at the pace so far
                 total = min(cap, step + max(0, round((args.minutes * 60 - seconds()) * step / seconds())))
+            if world > 1:  # all processes take the shortest plan and stop if one was asked to, or they would hang
+                plan = torch.tensor([-total, len(stop)], device=device)
+                dist.all_reduce(plan, dist.ReduceOp.MAX)
+                total, stop = -int(plan[0]), stop or ['SIGTERM'] * int(plan[1])
             scheduler.step()
-            if time.time() - last_log >= 5 or step == total:  # a progress line every 5 s
+            saving = step == total or step % steps_per_epoch == 0 and step // steps_per_epoch % args.every == 0
+            if saving or time.time() - last_log >= 5:  # a progress line every 5 s; only here is the loss read
                 last_log, elapsed, lr = time.time(), time.time() - t0, scheduler.get_last_lr()[0]
                 rate, mean_loss = (step - start_step) * batch / elapsed, loss_sum.item() / loss_count
-                with open(out / 'log.csv', 'a') as f:  # for loss curves: step, epoch, loss, lr, seconds
-                    f.write(f'{step},{step / steps_per_epoch:.3f},{mean_loss:.5f},{lr:.3e},{elapsed:.1f}\n')
-                print(f'epoch {epoch + 1} step {step}/{total} loss {mean_loss:.4f} lr {lr:.2e} {rate:.0f} img/s '
+                if not math.isfinite(mean_loss):
+                    raise DDPMError(f'loss became {mean_loss} by step {step}: training diverged; try a lower '
+                                    f'--lr than {args.lr} (the last good checkpoint, {ckpt_path}, is kept)')
+                if rank == 0:
+                    with open(out / 'log.csv', 'a') as f:  # for loss curves: step, epoch, loss, lr, seconds
+                        f.write(f'{step},{step / steps_per_epoch:.3f},{mean_loss:.5f},{lr:.3e},{elapsed:.1f}\n')
+                log(f'epoch {epoch + 1} step {step}/{total} loss {mean_loss:.4f} lr {lr:.2e} {rate:.0f} img/s '
                       f'{elapsed / 60:.1f}m eta {(total - step) * batch / rate / 60:.1f}m', flush=True)
                 loss_sum, loss_count = 0.0, 0
-            if step == total or step % steps_per_epoch == 0 and step // steps_per_epoch % args.every == 0:
+            if saving and rank == 0:
                 save()  # and a grid, in 20 DPM-Solver++ steps: a tenth of the time of all T steps
                 n, digits = (100, torch.arange(100, device=device) % 10) if args.cond else (64, None)
                 x = sample(ema.module, diffusion, (n, *config['shape']), 'dpm++', min(20, diffusion.T), labels=digits,
@@ -331,14 +329,15 @@ def train(args):
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
+        if world > 1:
+            dist.destroy_process_group()
     if stop:
-        save()
+        save() if rank == 0 else sys.exit(1)
         sys.exit(f'{stop[0]} at step {step}: saved {ckpt_path}; continue with: python ddpm.py train '
                  f'--resume {ckpt_path} --out {out}')  # flags left out continue the checkpoint's run
-    wall = time.time() - t0
-    peak = (f'{torch.cuda.max_memory_allocated() / 2**20:.0f} MB GPU' if cuda else
-            f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB RSS')
-    print(f'done: {step - start_step} steps in {wall / 60:.1f}m, {(step - start_step) * batch / wall:.0f} '
+    wall, peak = time.time() - t0, (f'{torch.cuda.max_memory_allocated() / 2**20:.0f} MB GPU' if cuda else
+                                    f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB RSS')
+    log(f'done: {step - start_step} steps in {wall / 60:.1f}m, {(step - start_step) * batch / wall:.0f} '
           f'img/s, peak memory {peak}; checkpoint {ckpt_path}')
 
 # --- sampling command ---------------------------------------------------------------------------------------
@@ -371,8 +370,7 @@ def generate(args):
     print(f'done: {n} samples in {seconds:.1f}s, {n / seconds:.1f} samples/s, {args.sampler} with {nfe} network '
           f'evaluations each; wrote {", ".join(outputs)}')
 
-def save_gif(frames, path, count=40):
-    """The first 64 images' reverse process: `count` frames evenly spaced, the last held for 2 s."""
+def save_gif(frames, path, count=40):  # the first 64 images' reverse process in `count` frames, the last held
     count = min(count, len(frames))
     picks = [frames[round(i * (len(frames) - 1) / max(count - 1, 1))][:64] for i in range(count)]
     images = [Image.fromarray(to_uint8(make_grid(f, nrow=8, pad_value=1)[None])[0]) for f in picks]
@@ -420,6 +418,8 @@ def build_parser():
     t.add_argument('--p-uncond', type=number(float, 0.0, 1.0), default=0.1, help='label dropout with --cond')
     t.add_argument('--every', type=number(int, 1), default=1, help='checkpoint and grid every N epochs')
     t.add_argument('--limit', type=number(int, 1), help='train on the first N images only (smoke runs)')
+    t.add_argument('--compile', action='store_true', help='torch.compile the model (slow start, may run faster)')
+    t.add_argument('--amp', action='store_true', help='bfloat16 autocast (for CUDA)')
     t.add_argument('--resume', metavar='CKPT', help='continue this checkpoint (--epochs may extend the run)')
     s = sub.add_parser('sample', formatter_class=fmt, help='draw samples from a checkpoint')
     s.add_argument('--ckpt', default='runs/mnist/ckpt.pt', help="checkpoint (train's default output)")
@@ -443,7 +443,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         (train if args.command == 'train' else generate)(args)
-    except (DDPMError, ValueError) as e:
+    except (DDPMError, ValueError, OSError) as e:  # bad input, a missing file, a full disk: one line
         sys.exit(f'error: {e}')
 
 if __name__ == '__main__':
