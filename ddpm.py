@@ -148,10 +148,11 @@ def sample(model, diffusion, shape, sampler='ddpm', steps=None, eta=0.0, labels=
             x = d.abar[s].sqrt() * x0 + (1 - d.abar[s] - sigma ** 2).sqrt() * eps + sigma * noise()
         elif s == 0:  # dpm++ with no noise left: the step lands on x0
             x = x0
-        else:  # dpm++: multistep in the data-prediction form, the first step first order
-            h = lam(s) - lam(t)
+        else:  # dpm++: multistep, data-prediction form, first step first order; eta > 0: the SDE form (eta 1)
+            h, sigma = lam(s) - lam(t), (1 - d.abar[s]).sqrt()
             D = x0 if x0_prev is None else x0 + (x0 - x0_prev) * h / (2 * (lam(t) - lam(ts[i - 1])))
-            x = ((1 - d.abar[s]) / (1 - d.abar[t])).sqrt() * x - d.abar[s].sqrt() * torch.expm1(-h) * D
+            x = sigma / (1 - d.abar[t]).sqrt() * (-eta * h).exp() * x - d.abar[s].sqrt() * (-(1 + eta) * h).expm1() * D
+            x = x + sigma * (-torch.expm1(-2 * eta * h)).sqrt() * noise() if eta else x
         x0_prev = x0
         if frames is not None:
             frames.append(x.clamp(-1, 1).cpu())
@@ -227,9 +228,8 @@ def check_writable(folder):  # fail now, not after an epoch of work, if `folder`
 def train(args):
     rank, world = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))  # set by torchrun
     device, out, log = pick_device(args.device), Path(args.out), print if rank == 0 else lambda *a, **k: None
-    cuda = device.type == 'cuda'
     if world > 1:  # DDP: each of the `world` processes takes its share of every batch; rank 0 logs and saves
-        dist.init_process_group('nccl' if cuda else 'gloo', device_id=device if cuda else None)
+        dist.init_process_group()  # nccl for CUDA tensors, gloo for CPU ones
     check_writable(out)
     ckpt_path, ckpt = out / 'ckpt.pt', load_checkpoint(args.resume) if args.resume else None
     defaults = vars(build_parser().parse_args(['train']))
@@ -321,9 +321,9 @@ def train(args):
                       f'{elapsed / 60:.1f}m eta {(total - step) * batch / rate / 60:.1f}m', flush=True)
                 loss_sum, loss_count = 0.0, 0
             if saving and rank == 0:
-                save()  # and a grid, in 20 DPM-Solver++ steps: a tenth of the time of all T steps
+                save()  # and a grid, in 20 DPM-Solver++ SDE steps: a tenth of the time of all T steps
                 n, digits = (100, torch.arange(100, device=device) % 10) if args.cond else (64, None)
-                x = sample(ema.module, diffusion, (n, *config['shape']), 'dpm++', min(20, diffusion.T), labels=digits,
+                x = sample(ema.module, diffusion, (n, *config['shape']), 'dpm++', min(20, diffusion.T), 1.0, digits,
                            guidance=1.0, generator=torch.Generator(device).manual_seed(0))  # leaves the training RNG
                 save_image((x + 1) / 2, out / f'samples_epoch{epoch + 1}.png', nrow=round(math.sqrt(n)))
     finally:
@@ -335,10 +335,10 @@ def train(args):
         save() if rank == 0 else sys.exit(1)
         sys.exit(f'{stop[0]} at step {step}: saved {ckpt_path}; continue with: python ddpm.py train '
                  f'--resume {ckpt_path} --out {out}')  # flags left out continue the checkpoint's run
-    wall, peak = time.time() - t0, (f'{torch.cuda.max_memory_allocated() / 2**20:.0f} MB GPU' if cuda else
-                                    f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB RSS')
+    wall, peak = time.time() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MB
+    peak = f'{torch.cuda.max_memory_allocated() / 2**20:.0f} MB GPU' if device.type == 'cuda' else f'{peak:.0f} MB RSS'
     log(f'done: {step - start_step} steps in {wall / 60:.1f}m, {(step - start_step) * batch / wall:.0f} '
-          f'img/s, peak memory {peak}; checkpoint {ckpt_path}')
+        f'img/s, peak memory {peak}; checkpoint {ckpt_path}')
 
 # --- sampling command ---------------------------------------------------------------------------------------
 def generate(args):
@@ -429,7 +429,7 @@ def build_parser():
     s.add_argument('--gif', help='also write the denoising of the first 64 samples as an animated GIF')
     s.add_argument('--sampler', choices=('ddpm', 'ddim', 'dpm++'), default='ddpm', help='reverse process')
     s.add_argument('--steps', type=number(int, 1), default=20, help='steps for ddim and dpm++ (ddpm uses all T)')
-    s.add_argument('--eta', type=number(float, 0.0, 1.0), default=0.0, help='DDIM noise (0: deterministic)')
+    s.add_argument('--eta', type=number(float, 0.0, 1.0), default=0.0, help='ddim, dpm++ noise (0: deterministic)')
     s.add_argument('--digit', choices=[str(d) for d in range(10)] + ['all'], help='digit to draw (--cond models)')
     s.add_argument('--guidance', type=number(float, 0.0, 100.0), default=1.0, help='classifier-free guidance')
     s.add_argument('--batch', type=number(int, 1), default=500, help='samples per forward pass')

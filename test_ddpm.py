@@ -153,6 +153,22 @@ def test_ddim_eta1_on_all_steps_is_the_ddpm_step():
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize('steps', [1, 7, 30])
+def test_dpmpp_with_eta1_takes_the_posterior_step_like_ddim_eta1(steps):
+    # with the true x0, the first-order SDE step of DPM-Solver++ is the posterior q(x_s | x_t, x0) on the
+    # step sub-sequence, as DDIM with eta = 1 is; with the same noise draws every step but the last agrees
+    d, x0 = ddpm.Diffusion(T=30, schedule='cosine'), torch.rand(4, 1, 8, 8) * 2 - 1
+    runs = {}
+    for sampler in ('ddim', 'dpm++'):
+        runs[sampler] = []
+        ddpm.sample(oracle(d, x0), d, x0.shape, sampler, steps=steps, eta=1.0,
+                    generator=torch.Generator().manual_seed(3), frames=runs[sampler])
+    assert len(runs['ddim']) == len(runs['dpm++']) == steps
+    for a, b in zip(runs['ddim'][:-1], runs['dpm++'][:-1]):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(runs['dpm++'][-1], x0, atol=1e-3, rtol=0)  # from x_T, x0 = (x - ..) / sqrt(abar_T ~ 0)
+
+
 @pytest.mark.parametrize('steps', [0, 21])
 def test_sampler_rejects_steps_out_of_range(steps):
     d = ddpm.Diffusion(T=20)
