@@ -278,7 +278,7 @@ def train(args):
         log(f'\n{stop[0]}: finishing this step, then saving (Ctrl-C again quits at once)', file=sys.stderr)
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     log(f'training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {len(images)} images: '
-          f'{total} steps of {batch} on {device}' + (f', at most {args.minutes:g} minutes' if args.minutes else ''))
+        f'{total} steps of {batch} on {device}' + (f', at most {args.minutes:g} minutes' if args.minutes else ''))
     start_step, t0 = step, time.time()
     last_log, loss_sum, loss_count, order = t0, 0.0, 0, None
     try:
@@ -318,7 +318,7 @@ def train(args):
                     with open(out / 'log.csv', 'a') as f:  # for loss curves: step, epoch, loss, lr, seconds
                         f.write(f'{step},{step / steps_per_epoch:.3f},{mean_loss:.5f},{lr:.3e},{elapsed:.1f}\n')
                 log(f'epoch {epoch + 1} step {step}/{total} loss {mean_loss:.4f} lr {lr:.2e} {rate:.0f} img/s '
-                      f'{elapsed / 60:.1f}m eta {(total - step) * batch / rate / 60:.1f}m', flush=True)
+                    f'{elapsed / 60:.1f}m eta {(total - step) * batch / rate / 60:.1f}m', flush=True)
                 loss_sum, loss_count = 0.0, 0
             if saving and rank == 0:
                 save()  # and a grid, in 20 DPM-Solver++ SDE steps: a tenth of the time of all T steps
