@@ -409,7 +409,7 @@ def build_parser():
     t.add_argument('--lr', type=number(float, 1e-8, 1.0), default=3e-3, help='peak Adam learning rate')
     t.add_argument('--ema', type=number(float, 0.0, 0.99999), default=0.999, help='EMA decay (0: no EMA)')
     t.add_argument('--T', type=number(int, 1, 10000), default=200, help='diffusion steps')
-    t.add_argument('--schedule', choices=('linear', 'cosine'), default='linear', help='noise schedule')
+    t.add_argument('--schedule', choices=('linear', 'cosine'), default='cosine', help='noise schedule')
     t.add_argument('--target', choices=('eps', 'v'), default='eps', help='what the network predicts')
     t.add_argument('--beta-start', type=number(float, 1e-8, 0.999), default=1e-4, help='linear schedule: first beta')
     t.add_argument('--beta-end', type=number(float, 1e-8, 0.999), default=0.1, help='linear schedule: last beta')
