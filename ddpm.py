@@ -1,5 +1,4 @@
-"""
-Denoising diffusion probabilistic models (Ho et al. 2020) in one file: noise schedule, ScoreNet U-Net, training
+"""Denoising diffusion probabilistic models (Ho et al. 2020) in one file: noise schedule, ScoreNet U-Net, training
 loop and samplers (DDPM, DDIM, DPM-Solver++), behind `python ddpm.py train|sample`. Copy this file into another
 project and use its pieces on any (N, C, H, W) images in [-1, 1]:
     diffusion = Diffusion(T=200); model = ScoreNet(channels=3)
@@ -41,12 +40,10 @@ class Diffusion:
         post_c0, post_ct = betas * abar_prev.sqrt() / one_minus, (1 - abar_prev) * (1 - betas).sqrt() / one_minus
         self.betas, self.abar, self.post_c0, self.post_ct, self.post_var = (a.float().to(device) for a in (
             betas, abar, post_c0, post_ct, betas * (1 - abar_prev) / one_minus))
-
     def q_sample(self, x0, t, noise):
         """x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), for a batch of steps t."""
         abar = self.abar[t].view(-1, *[1] * (x0.dim() - 1))
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-
     def loss(self, model, x0, labels=None, t=None, noise=None):
         """Mean squared error of the model's output, t uniform over 1..T unless given. The target is the noise
         eps, or for target 'v', v = sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans & Ho 2022): at the noisiest steps
@@ -56,7 +53,6 @@ class Diffusion:
         abar = self.abar[t].view(-1, *[1] * (x0.dim() - 1))
         target = noise if self.target == 'eps' else abar.sqrt() * noise - (1 - abar).sqrt() * x0
         return F.mse_loss(model(self.q_sample(x0, t, noise), t / self.T, labels), target)
-
     def predict(self, model, x, t, labels=None, guidance=0.0):
         """(eps, x0) at step t (an int), x0 clipped to [-1, 1]; classifier-free guidance when labels are given."""
         tt = torch.full((x.shape[0],), t / self.T, device=x.device)
@@ -77,21 +73,25 @@ class Diffusion:
 # --- the ScoreNet: a time-dependent U-Net that predicts the noise eps(x_t, t) -------------------------------
 class Block(nn.Module):
     """3x3 conv (stride 2 halves, `up` doubles the size), plus the time embedding, GroupNorm, SiLU."""
-    def __init__(self, c_in, c_out, emb_dim, stride=1, up=False):
+    def __init__(self, c_in, c_out, emb_dim, stride=1, up=False, depth=1):
         super().__init__()
         self.conv = (nn.ConvTranspose2d if up else nn.Conv2d)(c_in, c_out, 3, stride=2 if up else stride, padding=1)
-        self.time = nn.Linear(emb_dim, c_out)
-        self.norm = nn.GroupNorm(math.gcd(c_out, 8), c_out)  # up to 8 groups that divide c_out
-
+        self.time, self.norm = nn.Linear(emb_dim, c_out), nn.GroupNorm(math.gcd(c_out, 8), c_out)  # <= 8 groups
+        self.extra = nn.ModuleList(  # depth - 1 more convs at the output size, each h + SiLU(GroupNorm(conv(h)))
+            nn.Sequential(nn.Conv2d(c_out, c_out, 3, padding=1), nn.GroupNorm(self.norm.num_groups, c_out), nn.SiLU())
+            for _ in range(depth - 1))
     def forward(self, x, emb, size=None):
         h = self.conv(x, output_size=size) if size is not None else self.conv(x)
-        return F.silu(self.norm(h + self.time(emb)[:, :, None, None]))
+        h = F.silu(self.norm(h + self.time(emb)[:, :, None, None]))
+        for layer in self.extra:  # residual, so that the gradient keeps a short path through a deep net
+            h = h + layer(h)
+        return h
 
 class ScoreNet(nn.Module):
     """U-Net: a full-resolution block, strided-conv downsampling, transposed-conv upsampling with skips, and
     a last conv that also sees x_t, so that the small noise of the last steps is removed along a short path.
     Padding keeps every size: any H, W >= 2 ** (levels - 1) works (28x28, 32x32, ...)."""
-    def __init__(self, channels=1, widths=(32, 64, 128, 256), emb_dim=256, num_classes=0):
+    def __init__(self, channels=1, widths=(32, 64, 128, 256), emb_dim=256, num_classes=0, depth=1):
         super().__init__()
         self.channels, self.num_classes, self.min_size = channels, num_classes, 2 ** (len(widths) - 1)
         self.register_buffer('freqs', torch.randn(emb_dim // 2) * 30)  # Gaussian Fourier features of t
@@ -99,13 +99,12 @@ class ScoreNet(nn.Module):
         # one extra label index means "no label", for classifier-free guidance (Ho & Salimans 2022)
         self.label_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
         ins = (channels,) + tuple(widths[:-1])
-        self.down = nn.ModuleList(Block(i, o, emb_dim, stride=1 if k == 0 else 2)
+        self.down = nn.ModuleList(Block(i, o, emb_dim, 1 if k == 0 else 2, depth=depth)
                                   for k, (i, o) in enumerate(zip(ins, widths)))
         top = len(widths) - 1  # up block j maps level j to level j - 1; below the top it also gets the skip
-        self.up = nn.ModuleList(Block(widths[j] * (1 if j == top else 2), widths[j - 1], emb_dim, up=True)
+        self.up = nn.ModuleList(Block(widths[j] * (1 if j == top else 2), widths[j - 1], emb_dim, 1, True, depth)
                                 for j in range(top, 0, -1))
         self.out = nn.Conv2d(2 * widths[0] + channels, channels, 3, padding=1)
-
     def forward(self, x, t, labels=None):
         """x: (N, C, H, W) noisy images; t: (N,) times in [0, 1]; labels: (N,) ints or None."""
         if x.dim() != 4 or x.shape[1] != self.channels or min(x.shape[2:]) < self.min_size:
@@ -177,7 +176,7 @@ def to_uint8(x):  # [-1, 1] floats (N, C, H, W) to uint8 arrays (N, H, W), or (N
 
 # --- checkpoints: one file with everything needed to sample or to resume exactly ----------------------------
 FORMAT = 'ddpm.py checkpoint v1'
-MODEL = ('dataset', 'widths', 'cond', 'T', 'schedule', 'beta_start', 'beta_end', 'target')  # fixed by a checkpoint
+MODEL = ('dataset', 'widths', 'depth', 'cond', 'T', 'schedule', 'beta_start', 'beta_end', 'target')  # fixed by one
 RESUMED = (*MODEL, 'epochs', 'minutes', 'batch', 'lr', 'ema', 'p_uncond', 'every', 'limit', 'seed')
 
 def save_checkpoint(path, state):  # a temporary file, fsync, rename: a crash leaves the old or the new file
@@ -204,7 +203,7 @@ def load_checkpoint(path):  # weights_only refuses pickles that would run code
     return ckpt
 
 def build(c, device):  # the diffusion and the model that a checkpoint's config `c` describes
-    model = ScoreNet(c['shape'][0], c['widths'], num_classes=10 if c['cond'] else 0).to(device)
+    model = ScoreNet(c['shape'][0], c['widths'], 256, 10 if c['cond'] else 0, c.get('depth', 1)).to(device)
     return Diffusion(c['T'], c['schedule'], c['beta_start'], c['beta_end'], device, c.get('target', 'eps')), model
 
 def pick_device(name):  # 'auto': CUDA (under torchrun, this process's GPU), then MPS, then the CPU
@@ -414,6 +413,7 @@ def build_parser():
     t.add_argument('--beta-start', type=number(float, 1e-8, 0.999), default=1e-4, help='linear schedule: first beta')
     t.add_argument('--beta-end', type=number(float, 1e-8, 0.999), default=0.1, help='linear schedule: last beta')
     t.add_argument('--widths', type=widths, default=(32, 64, 128, 256), help='channels per U-Net level')
+    t.add_argument('--depth', type=number(int, 1, 8), default=1, help='3x3 convs per U-Net block (extra: residual)')
     t.add_argument('--cond', action='store_true', help='class-conditional, for sample --digit')
     t.add_argument('--p-uncond', type=number(float, 0.0, 1.0), default=0.1, help='label dropout with --cond')
     t.add_argument('--every', type=number(int, 1), default=1, help='checkpoint and grid every N epochs')

@@ -101,6 +101,21 @@ def test_conditional_scorenet_shapes_with_and_without_labels():
     assert with_labels.shape == without.shape == x.shape
     assert not torch.allclose(with_labels, without)  # the label changes the prediction
 
+
+def test_depth_adds_residual_convs_to_every_block():
+    shallow, deep = ddpm.ScoreNet(widths=(8, 16)), ddpm.ScoreNet(widths=(8, 16), depth=3)
+    assert not any('extra' in name for name in shallow.state_dict())  # depth 1: old checkpoints still load
+    extra = sum(p.numel() for name, p in deep.named_parameters() if '.extra.' in name)
+    assert extra == sum(2 * (9 * c * c + c + 2 * c) for c in (8, 16, 8))  # 2 more conv + GroupNorm per block
+    missing = deep.load_state_dict(shallow.state_dict(), strict=False).missing_keys
+    assert missing and all('.extra.' in name for name in missing)
+    x, t = torch.randn(2, 1, 12, 12), torch.rand(2)
+    assert not torch.allclose(deep(x, t), shallow(x, t))
+    with torch.no_grad():  # an extra conv that outputs 0 adds 0: each one is a residual h + f(h)
+        for conv in (m for name, m in deep.named_modules() if '.extra.' in name and isinstance(m, torch.nn.Conv2d)):
+            conv.weight.zero_(), conv.bias.zero_()
+    torch.testing.assert_close(deep(x, t), shallow(x, t))
+
 # --- samplers, with an oracle that knows x0 ---------------------------------------------------------------
 
 
@@ -253,9 +268,13 @@ def test_resume_is_bitwise_exact(tmp_path, monkeypatch):
 
 def test_resume_refuses_contradicting_flags(tmp_path):
     needs_mnist()
-    ddpm.main(['train', *TINY, '--epochs', '1', '--out', str(tmp_path)])
+    ddpm.main(['train', *TINY, '--depth', '2', '--epochs', '1', '--out', str(tmp_path)])
     r = run('train', *TINY[:-4], '--T', '50', '--resume', str(tmp_path / 'ckpt.pt'), '--out', str(tmp_path))
     assert r.returncode != 0 and '--T 50 contradicts the checkpoint (20)' in r.stderr
+    r = run('train', *TINY, '--depth', '3', '--resume', str(tmp_path / 'ckpt.pt'), '--out', str(tmp_path))
+    assert r.returncode != 0 and '--depth 3 contradicts the checkpoint (2)' in r.stderr
+    r = run('sample', '--ckpt', str(tmp_path / 'ckpt.pt'), '--n', '2', '--out', str(tmp_path / 'g.png'))
+    assert r.returncode == 0, r.stderr  # the checkpoint's config builds the deeper net
 
 
 def test_resume_without_flags_continues_the_checkpoints_schedule(tmp_path):
@@ -392,6 +411,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
         (['train', '--lr', 'fast'], "argument --lr: invalid float value: 'fast'"),
         (['train', '--batch', '0'], 'argument --batch: 0 is out of range'),
         (['train', '--widths', '32'], '--widths needs two or more levels'),
+        (['train', '--depth', '0'], 'argument --depth: 0 is out of range'),
         (['sample', '--n', '-1'], 'argument --n: -1 is out of range'),
         (['sample', '--digit', '11'], 'argument --digit: invalid choice'),
         (['sample', '--guidance', '-1'], 'argument --guidance: -1 is out of range'),
