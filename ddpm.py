@@ -233,7 +233,7 @@ def train(args):
     ckpt_path, ckpt = out / 'ckpt.pt', load_checkpoint(args.resume) if args.resume else None
     defaults = vars(build_parser().parse_args(['train']))
     for k in RESUMED if ckpt else ():  # flags left at their defaults continue the checkpoint's run
-        saved = ckpt['args'].get(k, defaults[k])
+        saved = ckpt['args'].get(k, 1 if k == 'depth' else defaults[k])  # checkpoints from before --depth: 1
         if k in MODEL and getattr(args, k) not in (defaults[k], saved):
             raise DDPMError(f'--{k.replace("_", "-")} {getattr(args, k)} contradicts the checkpoint ({saved})')
         setattr(args, k, saved if getattr(args, k) == defaults[k] else getattr(args, k))
@@ -413,7 +413,7 @@ def build_parser():
     t.add_argument('--beta-start', type=number(float, 1e-8, 0.999), default=1e-4, help='linear schedule: first beta')
     t.add_argument('--beta-end', type=number(float, 1e-8, 0.999), default=0.1, help='linear schedule: last beta')
     t.add_argument('--widths', type=widths, default=(32, 64, 128, 256), help='channels per U-Net level')
-    t.add_argument('--depth', type=number(int, 1, 8), default=1, help='3x3 convs per U-Net block (extra: residual)')
+    t.add_argument('--depth', type=number(int, 1, 8), default=2, help='3x3 convs per U-Net block (extra: residual)')
     t.add_argument('--cond', action='store_true', help='class-conditional, for sample --digit')
     t.add_argument('--p-uncond', type=number(float, 0.0, 1.0), default=0.1, help='label dropout with --cond')
     t.add_argument('--every', type=number(int, 1), default=1, help='checkpoint and grid every N epochs')
