@@ -494,7 +494,7 @@ def test_compile_and_amp_train_close_to_eager(tmp_path):
     for flags in ([], ['--compile'], ['--amp']):
         ddpm.main(['train', *tiny, *flags, '--out', str(tmp_path / str(flags))])
         weights[tuple(flags)] = ddpm.load_checkpoint(tmp_path / str(flags) / 'ckpt.pt')['model']
-    for flags, tolerance in ((('--compile',), 1e-4), (('--amp',), 2e-2)):
+    for flags, tolerance in ((('--compile',), 5e-4), (('--amp',), 2e-2)):  # one Adam step: up to lr = 3e-3
         gap = max((weights[flags][n] - w).abs().max().item() for n, w in weights[()].items())
         assert gap < tolerance, (flags, gap)
     assert gap > 1e-5  # bfloat16 autocast did change the arithmetic
