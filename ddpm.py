@@ -175,7 +175,7 @@ def to_uint8(x):  # [-1, 1] floats (N, C, H, W) to uint8 arrays (N, H, W), or (N
     return x[..., 0] if x.shape[-1] == 1 else x
 
 # --- checkpoints: one file with everything needed to sample or to resume exactly ----------------------------
-FORMAT = 'ddpm.py checkpoint v1'
+FORMAT, LEGACY = 'ddpm.py checkpoint v1', {'depth': 1, 'target': 'eps'}  # LEGACY: older checkpoints' implied keys
 MODEL = ('dataset', 'widths', 'depth', 'cond', 'T', 'schedule', 'beta_start', 'beta_end', 'target')  # fixed by one
 RESUMED = (*MODEL, 'epochs', 'minutes', 'batch', 'lr', 'ema', 'p_uncond', 'every', 'limit', 'seed')
 
@@ -200,11 +200,11 @@ def load_checkpoint(path):  # weights_only refuses pickles that would run code
         raise DDPMError(f'{path} is not a readable ddpm.py checkpoint: {str(e).splitlines()[0]}')
     if not isinstance(ckpt, dict) or ckpt.get('format') != FORMAT:
         raise DDPMError(f'{path} is not a ddpm.py checkpoint')
-    return ckpt
+    return ckpt | {part: LEGACY | ckpt[part] for part in ('args', 'config')}
 
 def build(c, device):  # the diffusion and the model that a checkpoint's config `c` describes
-    model = ScoreNet(c['shape'][0], c['widths'], 256, 10 if c['cond'] else 0, c.get('depth', 1)).to(device)
-    return Diffusion(c['T'], c['schedule'], c['beta_start'], c['beta_end'], device, c.get('target', 'eps')), model
+    model = ScoreNet(c['shape'][0], c['widths'], 256, 10 if c['cond'] else 0, c['depth']).to(device)
+    return Diffusion(c['T'], c['schedule'], c['beta_start'], c['beta_end'], device, c['target']), model
 
 def pick_device(name):  # 'auto': CUDA (under torchrun, this process's GPU), then MPS, then the CPU
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
@@ -233,7 +233,7 @@ def train(args):
     ckpt_path, ckpt = out / 'ckpt.pt', load_checkpoint(args.resume) if args.resume else None
     defaults = vars(build_parser().parse_args(['train']))
     for k in RESUMED if ckpt else ():  # flags left at their defaults continue the checkpoint's run
-        saved = ckpt['args'].get(k, 1 if k == 'depth' else defaults[k])  # checkpoints from before --depth: 1
+        saved = ckpt['args'].get(k, defaults[k])
         if k in MODEL and getattr(args, k) not in (defaults[k], saved):
             raise DDPMError(f'--{k.replace("_", "-")} {getattr(args, k)} contradicts the checkpoint ({saved})')
         setattr(args, k, saved if getattr(args, k) == defaults[k] else getattr(args, k))

@@ -277,15 +277,16 @@ def test_resume_refuses_contradicting_flags(tmp_path):
     assert r.returncode == 0, r.stderr  # the checkpoint's config builds the deeper net
 
 
-def test_checkpoint_from_before_depth_resumes_and_samples_as_depth_1(tmp_path):
+def test_checkpoint_from_before_depth_and_target_resumes_and_samples_as_depth_1_eps(tmp_path):
     needs_mnist()
     ddpm.main(['train', *TINY, '--depth', '1', '--epochs', '1', '--out', str(tmp_path)])
-    ckpt = ddpm.load_checkpoint(tmp_path / 'ckpt.pt')
-    del ckpt['args']['depth'], ckpt['config']['depth']  # as written before the flag existed
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    for part in ('args', 'config'):  # as written before the flags existed
+        del ckpt[part]['depth'], ckpt[part]['target']
     torch.save(ckpt, tmp_path / 'old.pt')
     ddpm.main(['train', *TINY, '--epochs', '2', '--resume', str(tmp_path / 'old.pt'), '--out', str(tmp_path)])
     resumed = ddpm.load_checkpoint(tmp_path / 'ckpt.pt')
-    assert resumed['step'] == 8 and resumed['config']['depth'] == 1
+    assert resumed['step'] == 8 and resumed['config']['depth'] == 1 and resumed['config']['target'] == 'eps'
     r = run('sample', '--ckpt', str(tmp_path / 'old.pt'), '--n', '2', '--out', str(tmp_path / 'g.png'))
     assert r.returncode == 0, r.stderr
 
