@@ -1,6 +1,6 @@
 """Training throughput of ddpm.py's ScoreNet beside the reference-shaped ScoreNet, back to back.
 
-    python .ci/bench.py                      # the README's table: both models at batch 100 and 32
+    python .ci/bench.py                      # the README's table: three models at batch 100 and 32
     python .ci/bench.py --steps 50 --compile # options apply to every row
 
 The reference is the MNIST ScoreNet of Yang Song's score-based tutorial, the model the reference DDPM
@@ -52,7 +52,7 @@ def one(args):
     """Time `args.steps` training steps of one model after a warm-up; print one JSON line."""
     torch.manual_seed(0)
     device = ddpm.pick_device(args.device)
-    model = (ReferenceScoreNet() if args.model == 'reference' else ddpm.ScoreNet()).to(device)
+    model = (ReferenceScoreNet() if args.model == 'reference' else ddpm.ScoreNet(depth=int(args.model[5:]))).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if args.compile else model
@@ -83,7 +83,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--steps', type=int, default=100, help='timed steps per row')
     p.add_argument('--warmup', type=int, default=10, help='untimed steps first')
-    p.add_argument('--rows', default='reference:100,default:100,reference:32,default:32', help='model:batch,...')
+    p.add_argument('--rows', default='reference:100,depth1:100,depth2:100,reference:32,depth1:32,depth2:32',
+                   help='model:batch,... (model: reference, or depthN for ddpm.ScoreNet(depth=N))')
     p.add_argument('--device', default='auto')
     p.add_argument('--compile', action='store_true')
     p.add_argument('--amp', action='store_true')
