@@ -200,7 +200,7 @@ def load_checkpoint(path):  # weights_only refuses pickles that would run code
         raise DDPMError(f'{path} is not a readable ddpm.py checkpoint: {str(e).splitlines()[0]}')
     if not isinstance(ckpt, dict) or ckpt.get('format') != FORMAT:
         raise DDPMError(f'{path} is not a ddpm.py checkpoint')
-    return ckpt | {part: LEGACY | ckpt[part] for part in ('args', 'config')}
+    return ckpt | {part: LEGACY | ckpt[part] for part in ('args', 'config') if part in ckpt}
 
 def build(c, device):  # the diffusion and the model that a checkpoint's config `c` describes
     model = ScoreNet(c['shape'][0], c['widths'], 256, 10 if c['cond'] else 0, c['depth']).to(device)
