@@ -52,7 +52,8 @@ def one(args):
     """Time `args.steps` training steps of one model after a warm-up; print one JSON line."""
     torch.manual_seed(0)
     device = ddpm.pick_device(args.device)
-    model = (ReferenceScoreNet() if args.model == 'reference' else ddpm.ScoreNet(depth=int(args.model[5:]))).to(device)
+    model = (ReferenceScoreNet() if args.model == 'reference'
+             else ddpm.ScoreNet(depth=int(args.model.removeprefix('depth')))).to(device)  # 'depth2': ScoreNet(depth=2)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if args.compile else model
