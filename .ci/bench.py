@@ -103,8 +103,8 @@ def main():
         r = json.loads(subprocess.run([sys.executable, __file__, '--model', model, '--batch', batch, '--steps',
                                        str(args.steps), '--warmup', str(args.warmup), '--device', args.device,
                                        *options], check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-        print(f"| {model} | {r['params'] / 1e6:.2f}M | {batch} | {r['img_s']:.0f} | {r['peak_mb']:.0f} | {r['device']} |",
-              flush=True)
+        print(f"| {model} | {r['params'] / 1e6:.2f}M | {batch} | {r['img_s']:.0f} | {r['peak_mb']:.0f} | "
+              f"{r['device']} |", flush=True)
 
 
 if __name__ == '__main__':
