@@ -344,7 +344,7 @@ def generate(args):
     device, ckpt = pick_device(args.device), load_checkpoint(args.ckpt)
     diffusion, model = build(ckpt['config'], device)
     model.load_state_dict(ckpt['model' if args.no_ema else 'ema'])
-    n, nrow, labels = args.n, None, None
+    n, nrow, labels, steps = args.n, None, None, args.steps or min(50, diffusion.T)  # ddim, dpm++: 50 or T steps
     if args.digit is not None:
         if not ckpt['config']['cond']:
             raise DDPMError(f'{args.ckpt} was trained without --cond, so it cannot draw a chosen --digit')
@@ -355,11 +355,11 @@ def generate(args):
     gen, chunks, frames, t0 = torch.Generator(device).manual_seed(args.seed), [], [], time.time()
     for start in range(0, n, args.batch):
         b = min(args.batch, n - start)
-        chunks.append(sample(model, diffusion, (b, *ckpt['config']['shape']), args.sampler, args.steps, args.eta,
+        chunks.append(sample(model, diffusion, (b, *ckpt['config']['shape']), args.sampler, steps, args.eta,
                              None if labels is None else labels[start:start + b], args.guidance, gen,
                              frames if start == 0 and args.gif else None).cpu())
         print(f'{start + b}/{n} samples, {(start + b) / (time.time() - t0):.1f} samples/s', flush=True)
-    x, seconds, nfe = torch.cat(chunks), time.time() - t0, diffusion.T if args.sampler == 'ddpm' else args.steps
+    x, seconds, nfe = torch.cat(chunks), time.time() - t0, diffusion.T if args.sampler == 'ddpm' else steps
     if args.out:
         save_image((x[:400] + 1) / 2, args.out, nrow=nrow or math.ceil(math.sqrt(min(n, 400))))
     if args.npz:
@@ -427,9 +427,9 @@ def build_parser():
     s.add_argument('--n', type=number(int, 1), default=64, help='number of samples')
     s.add_argument('--npz', help='also write the samples as uint8 (N, H, W[, C]) to this .npz, for fid.py')
     s.add_argument('--gif', help='also write the denoising of the first 64 samples as an animated GIF')
-    s.add_argument('--sampler', choices=('ddpm', 'ddim', 'dpm++'), default='ddpm', help='reverse process')
-    s.add_argument('--steps', type=number(int, 1), default=20, help='steps for ddim and dpm++ (ddpm uses all T)')
-    s.add_argument('--eta', type=number(float, 0.0, 1.0), default=0.0, help='ddim, dpm++ noise (0: deterministic)')
+    s.add_argument('--sampler', choices=('ddpm', 'ddim', 'dpm++'), default='dpm++', help='reverse process')
+    s.add_argument('--steps', type=number(int, 1), help='ddim, dpm++ steps (none: 50, or T if less; ddpm: all T)')
+    s.add_argument('--eta', type=number(float, 0.0, 1.0), default=1.0, help='ddim, dpm++ noise (1: SDE, 0: ODE)')
     s.add_argument('--digit', choices=[str(d) for d in range(10)] + ['all'], help='digit to draw (--cond models)')
     s.add_argument('--guidance', type=number(float, 0.0, 100.0), default=1.0, help='classifier-free guidance')
     s.add_argument('--batch', type=number(int, 1), default=500, help='samples per forward pass')

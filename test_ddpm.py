@@ -241,6 +241,7 @@ def test_cli_train_sample_resume_end_to_end(tmp_path):
     r = run('sample', '--ckpt', str(out / 'ckpt.pt'), '--n', '10', '--out', str(tmp_path / 'g.png'),
             '--npz', str(tmp_path / 's.npz'), '--batch', '4')  # no architecture flags needed
     assert r.returncode == 0, r.stderr
+    assert 'dpm++ with 20 network evaluations' in r.stdout  # the default sampler: 50 steps, or T (20) if fewer
     assert Image.open(tmp_path / 'g.png').size == (4 * 30 + 2, 3 * 30 + 2)  # 10 digits, 4 per row, padding 2
     samples = np.load(tmp_path / 's.npz')['samples']
     assert samples.shape == (10, 28, 28) and samples.dtype == np.uint8
