@@ -128,7 +128,8 @@ def test_ddpm_step_is_the_closed_form_posterior():
     # float64 reference for q(x_{T-1} | x_T, x0) from the betas alone
     betas = np.linspace(1e-4, 0.1, 50)
     abar = np.cumprod(1 - betas)
-    mean = (betas[-1] * np.sqrt(abar[-2]) * x0.double() + (1 - abar[-2]) * np.sqrt(1 - betas[-1]) * xT.double()) / (1 - abar[-1])
+    mean = (betas[-1] * np.sqrt(abar[-2]) * x0.double()
+            + (1 - abar[-2]) * np.sqrt(1 - betas[-1]) * xT.double()) / (1 - abar[-1])
     std = np.sqrt(betas[-1] * (1 - abar[-2]) / (1 - abar[-1]))
     torch.testing.assert_close(frames[0].double(), (mean + std * z.double()).clamp(-1, 1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(frames[-1], x0, atol=1e-4, rtol=0)  # and the chain ends on x0
@@ -335,7 +336,8 @@ def test_minutes_budget_ends_on_time_with_the_schedule_ended(tmp_path, monkeypat
 def test_label_dropout_happens_at_the_configured_rate(tmp_path, monkeypatch):
     needs_mnist()
     seen, loss = [], ddpm.Diffusion.loss
-    monkeypatch.setattr(ddpm.Diffusion, 'loss', lambda self, m, x, y=None, *a: seen.append(y) or loss(self, m, x, y, *a))
+    record = lambda self, m, x, y=None, *a: seen.append(y) or loss(self, m, x, y, *a)  # noqa: E731
+    monkeypatch.setattr(ddpm.Diffusion, 'loss', record)
     ddpm.main(['train', *TINY[:3], '1000', *TINY[4:], '--cond', '--p-uncond', '0.3', '--epochs', '1',
                '--out', str(tmp_path)])
     labels = torch.cat(seen)
@@ -582,7 +584,8 @@ def test_fid_cli_scores_samples(tmp_path):
     images = train[np.random.default_rng(1).permutation(len(train))[:2000]]  # the file's order is not random
     np.savez(tmp_path / 's.npz', samples=images)
     r = subprocess.run([sys.executable, str(ROOT / 'fid.py'), str(tmp_path / 's.npz'), '--data', DATA, '--json'],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ, FID_CACHE=str(tmp_path)))
+                       capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env=dict(os.environ, FID_CACHE=str(tmp_path)))
     assert r.returncode == 0, r.stderr
     import json
     report = json.loads(r.stdout)
