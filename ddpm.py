@@ -2,9 +2,8 @@
 loop and samplers (DDPM, DDIM, DPM-Solver++), behind `python ddpm.py train|sample`. Copy this file into another
 project and use its pieces on any (N, C, H, W) images in [-1, 1]:
     diffusion = Diffusion(T=200); model = ScoreNet(channels=3)
-    loss = diffusion.loss(model, images); images = sample(model, diffusion, (16, 3, 32, 32))
-"""
-import argparse, math, os, resource, signal, sys, tempfile, time
+    loss = diffusion.loss(model, images); images = sample(model, diffusion, (16, 3, 32, 32))"""
+import argparse, itertools, math, os, resource, signal, sys, tempfile, time
 from pathlib import Path
 
 import numpy as np
@@ -63,11 +62,8 @@ class Diffusion:
             out_c, out_u = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null])).chunk(2)
             out = (1 + guidance) * out_c - guidance * out_u  # eps or v: either is linear in the other at fixed x
         abar = self.abar[t]
-        if self.target == 'eps':
-            x0 = (x - (1 - abar).sqrt() * out) / abar.sqrt()
-        else:  # v = sqrt(abar) eps - sqrt(1 - abar) x0, and x = sqrt(abar) x0 + sqrt(1 - abar) eps
-            x0 = abar.sqrt() * x - (1 - abar).sqrt() * out
-        x0 = x0.clamp(-1, 1)
+        x0 = ((x - (1 - abar).sqrt() * out) / abar.sqrt() if self.target == 'eps' else
+              abar.sqrt() * x - (1 - abar).sqrt() * out).clamp(-1, 1)
         return (x - abar.sqrt() * x0) / (1 - abar).sqrt(), x0
 
 # --- the ScoreNet: a time-dependent U-Net that predicts the noise eps(x_t, t) -------------------------------
@@ -126,18 +122,22 @@ class ScoreNet(nn.Module):
 # --- samplers: each walks the steps T = t_0 > t_1 > ... > t_n = 0 from pure noise ---------------------------
 @torch.inference_mode()
 def sample(model, diffusion, shape, sampler='ddpm', steps=None, eta=0.0, labels=None, guidance=0.0,
-           generator=None, frames=None):
-    """Images of `shape` (N, C, H, W) in [-1, 1]: 'ddpm' is Ho et al.'s Algorithm 2 on all T steps; 'ddim'
-    (Song et al. 2020) and 'dpm++' (DPM-Solver++(2M), Lu et al. 2022) take `steps` even steps. `frames`
-    (a list) collects every step's x, for animations."""
+           generator=None, frames=None, spacing='logsnr'):
+    """Images of `shape` (N, C, H, W) in [-1, 1]: 'ddpm' is Ho et al.'s Algorithm 2 on all T steps; 'ddim' (Song
+    et al. 2020) and 'dpm++' (DPM-Solver++(2M), Lu et al. 2022) take `steps` steps, even in log-SNR ('logsnr':
+    short steps at both ends) or in t ('uniform'). `frames` (a list) collects every step's x, for animations."""
     d, device = diffusion, next(model.parameters()).device
     steps = d.T if sampler == 'ddpm' or steps is None else steps
-    if sampler not in ('ddpm', 'ddim', 'dpm++') or not 1 <= steps <= d.T:
-        raise ValueError(f'{sampler!r} with {steps} steps: use ddpm, ddim or dpm++ with steps in 1..{d.T} (its T)')
+    if sampler not in ('ddpm', 'ddim', 'dpm++') or spacing not in ('logsnr', 'uniform') or not 1 <= steps <= d.T:
+        raise ValueError(f'{sampler} {spacing} {steps}: use ddpm, ddim or dpm++; logsnr or uniform; steps in 1..{d.T}')
     ts = torch.linspace(d.T, 0, steps + 1).round().long().tolist()
+    lam = 0.5 * torch.log(d.abar / (1 - d.abar)).cpu()  # log signal-to-noise ratio (inf at step 0)
+    for m in itertools.count(steps) if spacing == 'logsnr' and steps < d.T else ():  # m targets even in lam, each
+        ts = (lam[1:, None] - torch.linspace(lam[d.T], lam[1], m)).abs().argmin(0).add(1).unique().flip(0).tolist()
+        if len(ts := ts + [0]) > steps:  # to its nearest step; close targets merge, so m grows until `steps` remain
+            break
     x, x0_prev = torch.randn(shape, generator=generator, device=device), None
     noise = lambda: torch.randn(shape, generator=generator, device=device)
-    lam = lambda u: 0.5 * torch.log(d.abar[u] / (1 - d.abar[u]))  # log signal-to-noise ratio, for dpm++
     for i, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
         eps, x0 = d.predict(model, x, t, labels, guidance)
         if sampler == 'ddpm':  # the posterior q(x_{t-1} | x_t, x0) with the predicted x0
@@ -148,8 +148,8 @@ def sample(model, diffusion, shape, sampler='ddpm', steps=None, eta=0.0, labels=
         elif s == 0:  # dpm++ with no noise left: the step lands on x0
             x = x0
         else:  # dpm++: multistep, data-prediction form, first step first order; eta > 0: the SDE form (eta 1)
-            h, sigma = lam(s) - lam(t), (1 - d.abar[s]).sqrt()
-            D = x0 if x0_prev is None else x0 + (x0 - x0_prev) * h / (2 * (lam(t) - lam(ts[i - 1])))
+            h, sigma = lam[s] - lam[t], (1 - d.abar[s]).sqrt()
+            D = x0 if x0_prev is None else x0 + (x0 - x0_prev) * h / (2 * (lam[t] - lam[ts[i - 1]]))
             x = sigma / (1 - d.abar[t]).sqrt() * (-eta * h).exp() * x - d.abar[s].sqrt() * (-(1 + eta) * h).expm1() * D
             x = x + sigma * (-torch.expm1(-2 * eta * h)).sqrt() * noise() if eta else x
         x0_prev = x0
@@ -357,7 +357,7 @@ def generate(args):
         b = min(args.batch, n - start)
         chunks.append(sample(model, diffusion, (b, *ckpt['config']['shape']), args.sampler, steps, args.eta,
                              None if labels is None else labels[start:start + b], args.guidance, gen,
-                             frames if start == 0 and args.gif else None).cpu())
+                             frames if start == 0 and args.gif else None, args.spacing).cpu())
         print(f'{start + b}/{n} samples, {(start + b) / (time.time() - t0):.1f} samples/s', flush=True)
     x, seconds, nfe = torch.cat(chunks), time.time() - t0, diffusion.T if args.sampler == 'ddpm' else steps
     if args.out:
@@ -398,8 +398,7 @@ def build_parser():
     p = Parser(description='Denoising diffusion (DDPM) on MNIST: train a model, then sample digits.')
     sub, fmt = p.add_subparsers(dest='command', required=True), argparse.ArgumentDefaultsHelpFormatter
     t = sub.add_parser('train', formatter_class=fmt, help='train a model (writes OUT/ckpt.pt and sample grids)')
-    t.add_argument('--data', default=os.environ.get('DDPM_DATA', './data'),
-                   help='dataset folder (env DDPM_DATA); downloaded there if missing')
+    t.add_argument('--data', default=os.environ.get('DDPM_DATA', './data'), help='dataset folder (env DDPM_DATA)')
     t.add_argument('--dataset', choices=DATASETS, default='mnist', help='torchvision dataset')
     t.add_argument('--out', default='runs/mnist', help='folder for ckpt.pt, samples_epochE.png and log.csv')
     t.add_argument('--epochs', type=number(int, 1), default=60, help='passes over the training set')
@@ -430,6 +429,7 @@ def build_parser():
     s.add_argument('--sampler', choices=('ddpm', 'ddim', 'dpm++'), default='dpm++', help='reverse process')
     s.add_argument('--steps', type=number(int, 1), help='ddim, dpm++ steps (none: 50, or T if less; ddpm: all T)')
     s.add_argument('--eta', type=number(float, 0.0, 1.0), default=1.0, help='ddim, dpm++ noise (1: SDE, 0: ODE)')
+    s.add_argument('--spacing', choices=('logsnr', 'uniform'), default='logsnr', help='steps even in log-SNR or in t')
     s.add_argument('--digit', choices=[str(d) for d in range(10)] + ['all'], help='digit to draw (--cond models)')
     s.add_argument('--guidance', type=number(float, 0.0, 100.0), default=1.0, help='classifier-free guidance')
     s.add_argument('--batch', type=number(int, 1), default=500, help='samples per forward pass')

@@ -185,6 +185,47 @@ def test_dpmpp_with_eta1_takes_the_posterior_step_like_ddim_eta1(steps):
     torch.testing.assert_close(runs['dpm++'][-1], x0, atol=1e-3, rtol=0)  # from x_T, x0 = (x - ..) / sqrt(abar_T ~ 0)
 
 
+def steps_taken(d, steps, spacing):
+    """The steps t at which dpm++ calls the model (once a step; the last step lands on 0), from the times it passes."""
+    x0, seen = torch.zeros(1, 1, 4, 4), []
+    def model(x, t, labels=None):
+        seen.append(round(t[0].item() * d.T))
+        return oracle(d, x0)(x, t)
+    model.parameters = lambda: iter([x0])
+    ddpm.sample(model, d, x0.shape, 'dpm++', steps, spacing=spacing)
+    return seen
+
+
+@pytest.mark.parametrize('T,schedule,steps', [(200, 'cosine', 50), (200, 'cosine', 20), (200, 'linear', 50),
+                                              (1000, 'linear', 30), (20, 'cosine', 19), (20, 'cosine', 1)])
+def test_logsnr_spacing_is_the_nearest_steps_to_even_log_snr_targets(T, schedule, steps):
+    d = ddpm.Diffusion(T, schedule)
+    got = steps_taken(d, steps, 'logsnr')
+    assert len(got) == steps and got == sorted(set(got), reverse=True) and got[0] == T and (steps == 1 or got[-1] == 1)
+    # in float64: the fewest m even targets from lam(T) to lam(1) whose nearest steps are `steps` distinct ones
+    lam = 0.5 * np.log(d.abar[1:].double().numpy() / (1 - d.abar[1:].double().numpy()))  # steps 1..T
+    for m in range(steps, 100 * T):
+        want = sorted({int(np.abs(lam - v).argmin()) + 1 for v in np.linspace(lam[-1], lam[0], m)}, reverse=True)
+        if len(want) >= steps:
+            break
+    assert got == (want if steps < T else list(range(T, 0, -1)))
+    if (T, schedule, steps) == (200, 'cosine', 50):  # short steps at both ends, long ones in the middle
+        assert got[:10] == list(range(200, 190, -1)) and got[-8:] == list(range(8, 0, -1)) and 10 in np.diff(got[::-1])
+
+
+@pytest.mark.parametrize('steps', [1, 7, 50])
+def test_uniform_spacing_is_even_in_t(steps):
+    d = ddpm.Diffusion(200, 'cosine')
+    assert steps_taken(d, steps, 'uniform') == np.linspace(200, 0, steps + 1).round().astype(int)[:-1].tolist()
+
+
+def test_unknown_spacing_is_refused():
+    with pytest.raises(ValueError, match='logsnr or uniform'):
+        ddpm.sample(ddpm.ScoreNet(widths=(8, 16)), ddpm.Diffusion(T=20), (1, 1, 8, 8), 'ddim', 5, spacing='log')
+    r = run('sample', '--spacing', 'log')
+    assert r.returncode == 2 and "invalid choice: 'log'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize('steps', [0, 21])
 def test_sampler_rejects_steps_out_of_range(steps):
     d = ddpm.Diffusion(T=20)
