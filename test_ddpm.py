@@ -197,7 +197,8 @@ def steps_taken(d, steps, spacing):
 
 
 @pytest.mark.parametrize('T,schedule,steps', [(200, 'cosine', 50), (200, 'cosine', 20), (200, 'linear', 50),
-                                              (1000, 'linear', 30), (20, 'cosine', 19), (20, 'cosine', 1)])
+                                              (1000, 'linear', 30), (20, 'cosine', 19), (20, 'cosine', 20),
+                                              (20, 'cosine', 1)])
 def test_logsnr_spacing_is_the_nearest_steps_to_even_log_snr_targets(T, schedule, steps):
     d = ddpm.Diffusion(T, schedule)
     got = steps_taken(d, steps, 'logsnr')
