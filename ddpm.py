@@ -308,8 +308,8 @@ def train(args):
             scheduler.step()
             saving = step == total or step % steps_per_epoch == 0 and step // steps_per_epoch % args.every == 0
             if saving or time.time() - last_log >= 5:  # a progress line every 5 s; only here is the loss read
-                last_log, elapsed, lr = time.time(), time.time() - t0, scheduler.get_last_lr()[0]
-                rate, mean_loss = (step - start_step) * batch / elapsed, loss_sum.item() / loss_count
+                now, lr, mean_loss = time.time(), scheduler.get_last_lr()[0], loss_sum.item() / loss_count
+                elapsed, rate, last_log = now - t0, loss_count * batch / max(now - last_log, 1e-3), now  # recent pace
                 if not math.isfinite(mean_loss):
                     raise DDPMError(f'loss became {mean_loss} by step {step}: training diverged; try a lower '
                                     f'--lr than {args.lr} (the last good checkpoint, {ckpt_path}, is kept)')

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -447,6 +448,24 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path, monkey
     with pytest.raises(SystemExit, match=r'loss became nan by step [5-8]: training diverged; try a lower --lr'):
         ddpm.main(['train', *TINY, '--epochs', '2', '--out', str(tmp_path), '--resume', str(tmp_path / 'ckpt.pt')])
     assert (tmp_path / 'ckpt.pt').read_bytes() == before
+
+
+def test_progress_line_reports_the_recent_pace_not_the_average(tmp_path, monkeypatch, capsys):
+    needs_mnist()
+    clock, loss = [0.0], ddpm.Diffusion.loss  # a clock that only training steps move: the first epoch's
+
+    def slow_then_fast_loss(self, *args, **kwargs):  # 4 steps take 25 s each (a busy CPU), the later ones 1 s
+        clock[0] += 25 if clock[0] < 100 else 1
+        return loss(self, *args, **kwargs)
+    monkeypatch.setattr(ddpm.Diffusion, 'loss', slow_then_fast_loss)
+    monkeypatch.setattr(ddpm, 'time', SimpleNamespace(time=lambda: clock[0]))  # ddpm's clock only
+    ddpm.main(['train', *TINY, '--epochs', '3', '--out', str(tmp_path)])  # 12 steps of 50 images
+    lines = [line for line in capsys.readouterr().out.splitlines() if ' img/s ' in line]
+    rates = [line.split(' img/s ')[0].rsplit(' ', 1)[1] for line in lines]
+    # a line a step while slow (25 s >= 5 s), then one at each epoch's end; the average since the start
+    # would read 8 * 50 / 104 = 4 img/s at step 8 and an ETA of 0.9 minutes
+    assert rates == ['2', '2', '2', '2', '50', '50'], lines
+    assert 'step 8/12' in lines[4] and lines[4].endswith('eta 0.1m'), lines
 
 
 def test_checkpoint_that_would_run_code_is_refused(tmp_path):
