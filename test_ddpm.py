@@ -1,7 +1,7 @@
 """Tests for ddpm.py and fid.py. Run: python -m pytest -q (MNIST from $DDPM_DATA or ../shared/data)."""
+import json
 import os
 import pickle
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,13 +13,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import linalg
 
 import ddpm
 import fid
 
 ROOT = Path(__file__).resolve().parent
 DATA = os.environ.get('DDPM_DATA', str(ROOT.parent / 'shared' / 'data'))
-TINY = ['--data', DATA, '--limit', '200', '--batch', '50', '--T', '20', '--widths', '8,16']  # 4 steps an epoch
+# 200 digits in batches of 50: 4 steps an epoch, on the CPU (bitwise and timing assertions assume it)
+LOSS = ddpm.Diffusion.loss  # before any test wraps it
+TINY = ['--data', DATA, '--limit', '200', '--batch', '50', '--T', '20', '--widths', '8,16', '--device', 'cpu']
 
 
 def needs_mnist():
@@ -28,20 +31,62 @@ def needs_mnist():
         pytest.skip(f'MNIST not found in {DATA}')
 
 
-def run(*args, timeout=300):
-    """Run ddpm.py as a user would; returns the finished process."""
-    return subprocess.run([sys.executable, str(ROOT / 'ddpm.py'), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+def run(*args, timeout=300, env=None, script='ddpm.py'):
+    """Run ddpm.py (or fid.py) as a user would; returns the finished process."""
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)
 
 
-def oracle(diffusion, x0):
-    """A 'model' that knows the clean images x0 and returns the true noise of any x_t (or v, for target 'v')."""
+def start(*args):
+    """Start ddpm.py in the background; returns the running process, its output piped."""
+    return subprocess.Popen([sys.executable, str(ROOT / 'ddpm.py'), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def one_line_error(r, message):
+    """A failed command whose whole stderr is one line holding `message`, and no traceback."""
+    assert r.returncode != 0, r.stdout
+    assert message in r.stderr and 'Traceback' not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def as_model(function, seen=None):
+    """`function(x, t, labels)` as a sampler's model; `seen` (a list) records the x of every call."""
     def model(x, t, labels=None):
+        if seen is not None:
+            seen.append(x.clone())
+        return function(x, t, labels)
+    model.parameters = lambda: iter([torch.zeros(1)])  # sample() reads the device from the parameters
+    return model
+
+
+def oracle(diffusion, x0, seen=None):
+    """A 'model' that knows the clean images x0 and returns the true noise of any x_t (or v, for target 'v')."""
+    def predict(x, t, labels=None):
         abar = diffusion.abar[(t * diffusion.T).round().long()].view(-1, 1, 1, 1)
         eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
         return eps if diffusion.target == 'eps' else abar.sqrt() * eps - (1 - abar).sqrt() * x0
-    model.parameters = lambda: iter([x0])  # sample() reads the device from the parameters
-    return model
+    return as_model(predict, seen)
+
+
+S = 0.2  # the Gaussian data's standard deviation: small enough that no x0 estimate reaches the clip at +-1
+
+
+def gaussian(diffusion, seen=None):
+    """The exact model of data x0 ~ N(0, S^2) per pixel: E[x0 | x_t] = sqrt(abar) S^2 / v x_t, v = abar S^2 + 1 - abar,
+    so its x0 estimate changes with t (unlike the oracle's), as a trained model's does."""
+    def predict(x, t, labels=None):
+        abar = diffusion.abar[(t * diffusion.T).round().long()].view(-1, 1, 1, 1)
+        v = abar * S * S + 1 - abar
+        eps, x0 = x * (1 - abar).sqrt() / v, abar.sqrt() * S * S / v * x
+        return eps if diffusion.target == 'eps' else abar.sqrt() * eps - (1 - abar).sqrt() * x0
+    return as_model(predict, seen)
+
+
+def gaussian_x0(abar, x):  # float64 E[x0 | x_t] of the Gaussian data, and the noise it implies
+    v = abar * S * S + 1 - abar
+    x0 = np.sqrt(abar) * S * S / v * x
+    return x0, (x - np.sqrt(abar) * x0) / np.sqrt(1 - abar)
 
 # --- schedule math against an independent float64 computation ------------------------------------------------
 
@@ -50,13 +95,9 @@ def oracle(diffusion, x0):
 def test_linear_schedule_matches_float64_reference(T, b0, b1):
     d = ddpm.Diffusion(T, 'linear', b0, b1)
     betas = np.linspace(b0, b1, T)
-    abar = np.cumprod(1 - betas)
-    abar_prev = np.concatenate([[1.0], abar[:-1]])
-    np.testing.assert_allclose(d.abar[1:].numpy(), abar, rtol=1e-6)
-    assert d.abar[0] == 1 and d.post_var[0] == 0
-    np.testing.assert_allclose(d.post_c0[1:].numpy(), betas * np.sqrt(abar_prev) / (1 - abar), rtol=1e-5)
-    np.testing.assert_allclose(d.post_ct[1:].numpy(), (1 - abar_prev) * np.sqrt(1 - betas) / (1 - abar), rtol=1e-5)
-    np.testing.assert_allclose(d.post_var[1:].numpy(), betas * (1 - abar_prev) / (1 - abar), rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(d.abar[1:].numpy(), np.cumprod(1 - betas), rtol=1e-6)
+    np.testing.assert_allclose(d.betas[1:].numpy(), betas, rtol=1e-6)
+    assert d.abar[0] == 1 and d.betas[0] == 0
 
 
 def test_cosine_schedule_endpoints_and_formula():
@@ -66,13 +107,22 @@ def test_cosine_schedule_endpoints_and_formula():
     np.testing.assert_allclose(d.abar[1:T].numpy(), (f / f[0])[1:T], rtol=1e-5)
     assert d.abar[0] == 1 and d.abar[T] < 1e-6  # all signal at t = 0, essentially none at t = T
     assert (d.betas[1:] <= 0.999).all() and (d.betas[1:] > 0).all()
+    assert ddpm.Diffusion().T == 200 and torch.equal(ddpm.Diffusion().abar, d.abar)  # the class default: cosine
+
+
+@pytest.mark.parametrize('args', [(200, 'linear', 1e-4, 0.999), (2500, 'linear'), (200, 'linear', 1e-8, 1e-8)])
+def test_schedules_whose_signal_underflows_or_stalls_are_refused(args):
+    # abar_T = 0 in float32 made log-SNR -inf: the step search never ended and the samplers drew NaN
+    with pytest.raises(ValueError, match='abar must fall step by step from 1 to above 0 in float32'):
+        ddpm.Diffusion(*args)
 
 
 def test_q_sample_mean_and_variance():
     d = ddpm.Diffusion()
     x0 = torch.full((200_000, 1, 1, 1), 0.7)
+    gen = torch.Generator().manual_seed(0)
     for t in (1, 50, 200):
-        xt = d.q_sample(x0, torch.full((len(x0),), t), torch.randn_like(x0))
+        xt = d.q_sample(x0, torch.full((len(x0),), t), torch.randn(x0.shape, generator=gen))
         abar = d.abar[t].item()
         assert abs(xt.mean().item() - np.sqrt(abar) * 0.7) < 0.01
         assert abs(xt.var().item() - (1 - abar)) < 0.01 * max(1 - abar, 0.1)
@@ -81,31 +131,41 @@ def test_q_sample_mean_and_variance():
 
 
 @pytest.mark.parametrize('shape', [(3, 1, 28, 28), (2, 3, 32, 32), (2, 1, 17, 23)])
-def test_scorenet_keeps_shape_for_batched_t(shape):
-    model = ddpm.ScoreNet(channels=shape[1])
-    out = model(torch.randn(shape), torch.rand(shape[0]))
+def test_scorenet_keeps_shape_and_uses_each_images_own_t(shape):
+    torch.manual_seed(0)
+    model = ddpm.ScoreNet(channels=shape[1], widths=(8, 16, 32))
+    x, t = torch.randn(shape), torch.rand(shape[0])
+    out = model(x, t)
     assert out.shape == shape
+    for i in range(shape[0]):  # image i alone, with its own t, gives the same output as in the batch
+        torch.testing.assert_close(model(x[i:i + 1], t[i:i + 1]), out[i:i + 1], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(model(x, t.flip(0)), out, atol=1e-4)  # and t matters
 
 
 def test_scorenet_rejects_bad_sizes_clearly():
     model = ddpm.ScoreNet(channels=1)
-    with pytest.raises(ValueError, match=r'expects \(N, 1, H, W\) with H, W >= 8'):
+    with pytest.raises(ValueError, match=r'takes \(N, 1, H, W\), H and W >= 8'):
         model(torch.randn(2, 3, 28, 28), torch.rand(2))
     with pytest.raises(ValueError, match='>= 8'):
         model(torch.randn(2, 1, 4, 28), torch.rand(2))
 
 
-def test_conditional_scorenet_shapes_with_and_without_labels():
+def test_conditional_scorenet_no_labels_is_the_no_label_index():
+    torch.manual_seed(0)
     model = ddpm.ScoreNet(channels=1, widths=(8, 16), num_classes=10)
     x, t = torch.randn(4, 1, 28, 28), torch.rand(4)
-    with_labels, without = model(x, t, torch.tensor([0, 3, 9, 10])), model(x, t)
-    assert with_labels.shape == without.shape == x.shape
-    assert not torch.allclose(with_labels, without)  # the label changes the prediction
+    without = model(x, t)
+    torch.testing.assert_close(without, model(x, t, torch.full((4,), 10)))  # "no label" is index 10, not 0
+    assert not torch.allclose(without, model(x, t, torch.zeros(4, dtype=torch.long)), atol=1e-4)
+    with_labels = model(x, t, torch.tensor([0, 3, 9, 10]))
+    assert not torch.allclose(with_labels[:3], without[:3], atol=1e-4)  # the label changes the prediction
 
 
 def test_depth_adds_residual_convs_to_every_block():
-    shallow, deep = ddpm.ScoreNet(widths=(8, 16)), ddpm.ScoreNet(widths=(8, 16), depth=3)
+    shallow, deep = ddpm.ScoreNet(widths=(8, 16), depth=1), ddpm.ScoreNet(widths=(8, 16), depth=3)
     assert not any('extra' in name for name in shallow.state_dict())  # depth 1: old checkpoints still load
+    default = ddpm.ScoreNet(widths=(8, 16))
+    assert default.state_dict().keys() == ddpm.ScoreNet(widths=(8, 16), depth=2).state_dict().keys()
     extra = sum(p.numel() for name, p in deep.named_parameters() if '.extra.' in name)
     assert extra == sum(2 * (9 * c * c + c + 2 * c) for c in (8, 16, 8))  # 2 more conv + GroupNorm per block
     missing = deep.load_state_dict(shallow.state_dict(), strict=False).missing_keys
@@ -117,32 +177,7 @@ def test_depth_adds_residual_convs_to_every_block():
             conv.weight.zero_(), conv.bias.zero_()
     torch.testing.assert_close(deep(x, t), shallow(x, t))
 
-# --- samplers, with an oracle that knows x0 ---------------------------------------------------------------
-
-
-def test_ddpm_step_is_the_closed_form_posterior():
-    d, x0 = ddpm.Diffusion(T=50), torch.rand(4, 1, 8, 8) * 2 - 1
-    frames = []
-    ddpm.sample(oracle(d, x0), d, x0.shape, 'ddpm', generator=torch.Generator().manual_seed(1), frames=frames)
-    gen = torch.Generator().manual_seed(1)
-    xT, z = torch.randn(x0.shape, generator=gen), torch.randn(x0.shape, generator=gen)
-    # float64 reference for q(x_{T-1} | x_T, x0) from the betas alone
-    betas = np.linspace(1e-4, 0.1, 50)
-    abar = np.cumprod(1 - betas)
-    mean = (betas[-1] * np.sqrt(abar[-2]) * x0.double()
-            + (1 - abar[-2]) * np.sqrt(1 - betas[-1]) * xT.double()) / (1 - abar[-1])
-    std = np.sqrt(betas[-1] * (1 - abar[-2]) / (1 - abar[-1]))
-    torch.testing.assert_close(frames[0].double(), (mean + std * z.double()).clamp(-1, 1), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(frames[-1], x0, atol=1e-4, rtol=0)  # and the chain ends on x0
-
-
-@pytest.mark.parametrize('target', ['eps', 'v'])
-@pytest.mark.parametrize('sampler', ['ddim', 'dpm++'])
-@pytest.mark.parametrize('steps', [1, 3, 10, 50])
-def test_deterministic_samplers_recover_x0_with_an_oracle(sampler, steps, target):
-    d, x0 = ddpm.Diffusion(T=50, target=target), torch.rand(4, 1, 8, 8) * 2 - 1
-    x = ddpm.sample(oracle(d, x0), d, x0.shape, sampler, steps, eta=0.0, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(x, x0, atol=1e-4, rtol=0)
+# --- the loss and predict() -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize('target', ['eps', 'v'])
@@ -159,50 +194,148 @@ def test_loss_of_an_oracle_is_zero_and_v_is_its_formula(target):
     assert abs(loss.item() - expected) < 1e-6
 
 
-def test_ddim_eta1_on_all_steps_is_the_ddpm_step():
-    d, x0 = ddpm.Diffusion(T=30, schedule='cosine'), torch.rand(4, 1, 8, 8) * 2 - 1
-    runs = {}
-    for sampler in ('ddpm', 'ddim'):
-        runs[sampler] = []
-        ddpm.sample(oracle(d, x0), d, x0.shape, sampler, steps=30, eta=1.0,
-                    generator=torch.Generator().manual_seed(3), frames=runs[sampler])
-    for a, b in zip(runs['ddpm'][:5], runs['ddim'][:5]):  # same noise draws: same mean and variance
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+@pytest.mark.parametrize('guidance', [0.0, 2.5])
+@pytest.mark.parametrize('target', ['eps', 'v'])
+def test_predict_turns_the_output_into_eps_and_x0_at_step_t(target, guidance):
+    torch.manual_seed(0)
+    d, model = ddpm.Diffusion(T=50, target=target), ddpm.ScoreNet(widths=(8, 16), num_classes=10)
+    x, y, t = torch.randn(4, 1, 8, 8) * 1.5, torch.tensor([1, 7, 7, 2]), 17
+    eps, x0 = d.predict(model, x, t, y, guidance)
+    tt = torch.full((4,), t / 50)
+    with torch.no_grad():  # float64 reference: (1 + w) out(label) - w out(no label), then x0 and eps from it
+        out = ((1 + guidance) * model(x, tt, y) - guidance * model(x, tt, torch.full_like(y, 10))).double()
+    a, xd = d.abar[t].double(), x.double()
+    want_x0 = (xd - (1 - a).sqrt() * out) / a.sqrt() if target == 'eps' else a.sqrt() * xd - (1 - a).sqrt() * out
+    want_x0 = want_x0.clamp(-1, 1)  # predict() clips x0 to the data range and derives eps from the clipped x0
+    torch.testing.assert_close(x0.double(), want_x0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eps.double(), (xd - a.sqrt() * want_x0) / (1 - a).sqrt(), atol=1e-4, rtol=1e-4)
+    assert 0 < (want_x0.abs() == 1).float().mean() < 1  # the case covers clipped and unclipped pixels
+
+# --- samplers: every step against a float64 hand-written one -----------------------------------------------
 
 
-@pytest.mark.parametrize('steps', [1, 7, 30])
-def test_dpmpp_with_eta1_takes_the_posterior_step_like_ddim_eta1(steps):
-    # with the true x0, the first-order SDE step of DPM-Solver++ is the posterior q(x_s | x_t, x0) on the
-    # step sub-sequence, as DDIM with eta = 1 is; with the same noise draws every step but the last agrees
-    d, x0 = ddpm.Diffusion(T=30, schedule='cosine'), torch.rand(4, 1, 8, 8) * 2 - 1
-    runs = {}
+def test_ddpm_step_is_ho_et_als_posterior():
+    d = ddpm.Diffusion(T=50, schedule='linear')
+    seen, gen = [], torch.Generator().manual_seed(1)
+    out = ddpm.sample(gaussian(d, seen), d, (64, 1, 4, 4), 'ddpm', generator=gen)
+    assert len(seen) == 50  # Algorithm 2: every step from T to 1
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn((64, 1, 4, 4), generator=gen).double()
+    betas = np.linspace(1e-4, 0.1, 50)  # the posterior q(x_{t-1} | x_t, x0) from the betas alone (Ho et al. eq. 7)
+    abar = np.concatenate([[1.0], np.cumprod(1 - betas)])
+    for t in range(50, 0, -1):
+        torch.testing.assert_close(seen[50 - t].double(), x, atol=1e-4, rtol=1e-4)
+        x0, _ = gaussian_x0(abar[t], x)
+        beta, prev = betas[t - 1], abar[t - 1]
+        mean = (beta * np.sqrt(prev) * x0 + (1 - prev) * np.sqrt(1 - beta) * x) / (1 - abar[t])
+        z = torch.randn((64, 1, 4, 4), generator=gen).double()
+        x = mean + np.sqrt(beta * (1 - prev) / (1 - abar[t])) * z
+    torch.testing.assert_close(out.double(), x, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('eta', [0.0, 0.5])
+def test_ddim_steps_are_song_et_als_eq_12(eta):
+    d = ddpm.Diffusion(T=200)
+    seen, gen = [], torch.Generator().manual_seed(2)
+    out = ddpm.sample(gaussian(d, seen), d, (64, 1, 4, 4), 'ddim', 10, eta=eta, generator=gen)
+    ts = ddpm.sampling_steps(d, 10)
+    gen = torch.Generator().manual_seed(2)
+    x, abar = torch.randn((64, 1, 4, 4), generator=gen).double(), d.abar.double().numpy()
+    for i, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
+        torch.testing.assert_close(seen[i].double(), x, atol=1e-4, rtol=1e-4)
+        x0, eps = gaussian_x0(abar[t], x)
+        sigma = eta * np.sqrt((1 - abar[s]) / (1 - abar[t]) * (1 - abar[t] / abar[s]))
+        z = torch.randn(x.shape, generator=gen).double()
+        x = np.sqrt(abar[s]) * x0 + np.sqrt(1 - abar[s] - sigma ** 2) * eps + sigma * z
+    torch.testing.assert_close(out.double(), x, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('eta', [0.0, 1.0])
+def test_dpmpp_2m_steps_are_lu_et_als_algorithm(eta):
+    d = ddpm.Diffusion(T=200)
+    seen, gen = [], torch.Generator().manual_seed(3)
+    out = ddpm.sample(gaussian(d, seen), d, (64, 1, 4, 4), 'dpm++', 12, eta=eta, generator=gen)
+    ts = ddpm.sampling_steps(d, 12)
+    gen = torch.Generator().manual_seed(3)
+    x, abar = torch.randn((64, 1, 4, 4), generator=gen).double(), d.abar.double().numpy()
+    lam = lambda t: 0.5 * np.log(abar[t] / (1 - abar[t]))
+    x0_prev = None
+    for i, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
+        torch.testing.assert_close(seen[i].double(), x, atol=1e-4, rtol=1e-4)
+        x0, _ = gaussian_x0(abar[t], x)
+        if s == 0:
+            x = x0
+            break
+        h = lam(s) - lam(t)
+        D = x0
+        if x0_prev is not None:  # DPM-Solver++(2M): D = (1 + 1 / 2r) x0_t - 1 / 2r x0_prev, r = h_prev / h
+            r = (lam(t) - lam(ts[i - 1])) / h
+            D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
+        alpha_s, sigma_s, sigma_t = np.sqrt(abar[s]), np.sqrt(1 - abar[s]), np.sqrt(1 - abar[t])
+        if eta == 0:  # the ODE form (Lu et al. 2022, Algorithm 2)
+            x = sigma_s / sigma_t * x - alpha_s * np.expm1(-h) * D
+        else:  # the SDE form: exp(-h) of x_t, fresh noise of variance sigma_s^2 (1 - exp(-2h))
+            x = (sigma_s / sigma_t * np.exp(-h) * x + alpha_s * -np.expm1(-2 * h) * D
+                 + sigma_s * np.sqrt(-np.expm1(-2 * h)) * torch.randn(x.shape, generator=gen).double())
+        x0_prev = x0
+    torch.testing.assert_close(out.double(), x, atol=1e-4, rtol=1e-4)
+
+
+def test_ode_samplers_converge_to_the_exact_solution_at_their_order():
+    # Gaussian data have an exact probability-flow ODE: x_t = sqrt(v_t / v_T) x_T. Every sampler ends by
+    # denoising x_1, so the exact end point is E[x0 | x_1] of the exact x_1. DDIM is first order (halving the
+    # step halves the error), DPM-Solver++(2M) second order (a quarter): 8 -> 64 steps, about 8x and 64x.
+    d = ddpm.Diffusion(T=1000)
+    x_T = torch.randn((64, 1, 4, 4), generator=torch.Generator().manual_seed(0)).double()
+    a1, aT = d.abar[1].double(), d.abar[1000].double()
+    v1, vT = a1 * S * S + 1 - a1, aT * S * S + 1 - aT
+    exact = a1.sqrt() * S * S / v1 * (v1 / vT).sqrt() * x_T
+    gain = {}
     for sampler in ('ddim', 'dpm++'):
-        runs[sampler] = []
-        ddpm.sample(oracle(d, x0), d, x0.shape, sampler, steps=steps, eta=1.0,
-                    generator=torch.Generator().manual_seed(3), frames=runs[sampler])
-    assert len(runs['ddim']) == len(runs['dpm++']) == steps
-    for a, b in zip(runs['ddim'][:-1], runs['dpm++'][:-1]):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(runs['dpm++'][-1], x0, atol=1e-3, rtol=0)  # from x_T, x0 = (x - ..) / sqrt(abar_T ~ 0)
+        errors = [(ddpm.sample(gaussian(d), d, x_T.shape, sampler, steps, eta=0.0,
+                               generator=torch.Generator().manual_seed(0)).double() - exact).abs().max().item()
+                  for steps in (8, 64)]
+        gain[sampler] = errors[0] / errors[1]
+    assert 5 < gain['ddim'] < 13 and gain['dpm++'] > 40, gain  # measured: 10.7 and 83
 
 
-def steps_taken(d, steps, spacing):
+@pytest.mark.parametrize('sampler', ['ddpm', 'ddim', 'dpm++'])
+def test_v_models_sample_as_eps_models_do(sampler):
+    # the same data through a v model: predict() must turn v into the same eps and x0
+    runs = []
+    for target in ('eps', 'v'):
+        d = ddpm.Diffusion(T=50, target=target)
+        runs.append(ddpm.sample(gaussian(d), d, (16, 1, 4, 4), sampler, 10, eta=1.0,
+                                generator=torch.Generator().manual_seed(4)))
+    torch.testing.assert_close(runs[0], runs[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('target', ['eps', 'v'])
+@pytest.mark.parametrize('sampler', ['ddim', 'dpm++'])
+@pytest.mark.parametrize('steps', [1, 3, 50])
+def test_deterministic_samplers_recover_x0_with_an_oracle(sampler, steps, target):
+    d, x0 = ddpm.Diffusion(T=50, target=target), torch.rand(4, 1, 8, 8) * 2 - 1
+    x = ddpm.sample(oracle(d, x0), d, x0.shape, sampler, steps, eta=0.0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(x, x0, atol=1e-4, rtol=0)
+
+
+def steps_taken(d, steps):
     """The steps t at which dpm++ calls the model (once a step; the last step lands on 0), from the times it passes."""
-    x0, seen = torch.zeros(1, 1, 4, 4), []
-    def model(x, t, labels=None):
+    seen = []
+    def predict(x, t, labels=None):
         seen.append(round(t[0].item() * d.T))
-        return oracle(d, x0)(x, t)
-    model.parameters = lambda: iter([x0])
-    ddpm.sample(model, d, x0.shape, 'dpm++', steps, spacing=spacing)
+        return torch.zeros_like(x)
+    ddpm.sample(as_model(predict), d, (1, 1, 4, 4), 'dpm++', steps)
     return seen
 
 
 @pytest.mark.parametrize('T,schedule,steps', [(200, 'cosine', 50), (200, 'cosine', 20), (200, 'linear', 50),
                                               (1000, 'linear', 30), (20, 'cosine', 19), (20, 'cosine', 20),
                                               (20, 'cosine', 1)])
-def test_logsnr_spacing_is_the_nearest_steps_to_even_log_snr_targets(T, schedule, steps):
+def test_steps_are_the_nearest_to_even_log_snr_targets(T, schedule, steps):
     d = ddpm.Diffusion(T, schedule)
-    got = steps_taken(d, steps, 'logsnr')
+    got = steps_taken(d, steps)
+    assert got == ddpm.sampling_steps(d, steps)[:-1]
     assert len(got) == steps and got == sorted(set(got), reverse=True) and got[0] == T and (steps == 1 or got[-1] == 1)
     # in float64: the fewest m even targets from lam(T) to lam(1) whose nearest steps are `steps` distinct ones
     lam = 0.5 * np.log(d.abar[1:].double().numpy() / (1 - d.abar[1:].double().numpy()))  # steps 1..T
@@ -215,17 +348,11 @@ def test_logsnr_spacing_is_the_nearest_steps_to_even_log_snr_targets(T, schedule
         assert got[:10] == list(range(200, 190, -1)) and got[-8:] == list(range(8, 0, -1)) and 10 in np.diff(got[::-1])
 
 
-@pytest.mark.parametrize('steps', [1, 7, 50])
-def test_uniform_spacing_is_even_in_t(steps):
-    d = ddpm.Diffusion(200, 'cosine')
-    assert steps_taken(d, steps, 'uniform') == np.linspace(200, 0, steps + 1).round().astype(int)[:-1].tolist()
-
-
-def test_unknown_spacing_is_refused():
-    with pytest.raises(ValueError, match='logsnr or uniform'):
-        ddpm.sample(ddpm.ScoreNet(widths=(8, 16)), ddpm.Diffusion(T=20), (1, 1, 8, 8), 'ddim', 5, spacing='log')
-    r = run('sample', '--spacing', 'log')
-    assert r.returncode == 2 and "invalid choice: 'log'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+def test_step_search_is_bounded():
+    d = ddpm.Diffusion(T=20)
+    d.lam[1:11] = d.lam[1]  # a log-SNR with a flat stretch: 15 distinct nearest steps can never be found
+    with pytest.raises(ValueError, match='cannot place 15 steps evenly in log-SNR'):
+        ddpm.sampling_steps(d, 15)
 
 
 @pytest.mark.parametrize('steps', [0, 21])
@@ -235,31 +362,42 @@ def test_sampler_rejects_steps_out_of_range(steps):
         ddpm.sample(ddpm.ScoreNet(widths=(8, 16)), d, (1, 1, 8, 8), 'ddim', steps)
 
 
-def test_guidance_zero_is_the_plain_conditional_model_and_w_mixes():
+def test_guidance_zero_is_the_plain_conditional_model():
     torch.manual_seed(0)
     d, model = ddpm.Diffusion(T=10), ddpm.ScoreNet(widths=(8, 16), num_classes=10)
     y = torch.tensor([1, 7, 7, 2])
-    plain = lambda x, t, labels=None: model(x, t, y)
-    plain.parameters = model.parameters
+    plain = as_model(lambda x, t, labels=None: model(x, t, y))
     a = ddpm.sample(model, d, (4, 1, 8, 8), labels=y, guidance=0.0, generator=torch.Generator().manual_seed(5))
     b = ddpm.sample(plain, d, (4, 1, 8, 8), generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(a, b)
-    x, w = torch.randn(4, 1, 8, 8), 2.5
-    eps, _ = d.predict(model, x, 7, y, guidance=w)
-    tt = torch.full((4,), 0.7)
-    with torch.no_grad():
-        guided = (1 + w) * model(x, tt, y) - w * model(x, tt, torch.full_like(y, 10))
-    abar = d.abar[7]
-    x0 = ((x - (1 - abar).sqrt() * guided) / abar.sqrt()).clamp(-1, 1)  # predict() clips x0 to the data range
-    torch.testing.assert_close(eps, (x - abar.sqrt() * x0) / (1 - abar).sqrt(), atol=1e-5, rtol=1e-5)
 
-# --- training ---------------------------------------------------------------------------------------------
+# --- training pieces --------------------------------------------------------------------------------------
+
+
+def test_ema_warms_up_then_holds_its_decay_and_decay_0_copies():
+    ema, model = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    for step, decay, start, target in [(0, 0.999, 5.0, 1.0), (1, 0.999, 5.0, 1.0), (40, 0.999, 5.0, 1.0),
+                                       (10_000, 0.999, 5.0, 1.0), (7, 0.0, 5.0, 1.0)]:
+        with torch.no_grad():
+            ema.weight.fill_(start), model.weight.fill_(target)
+        ddpm.ema_update(ema, model, step, decay)
+        kept = 0.0 if step == 0 else min(decay, (1 + step) / (10 + step))  # the share of the old EMA kept
+        assert abs(ema.weight.item() - (kept * start + (1 - kept) * target)) < 1e-6, (step, decay)
+
+
+def test_learning_rate_warms_up_then_reaches_zero_at_the_planned_end():
+    peak, total = 3e-3, 10_000
+    assert ddpm.learning_rate(0, total, peak) == pytest.approx(peak / 500)  # 500 warm-up steps
+    assert ddpm.learning_rate(499, total, peak) == pytest.approx(peak * 0.5 * (1 + np.cos(np.pi * 499 / total)))
+    assert ddpm.learning_rate(total // 2, total, peak) == pytest.approx(peak / 2)
+    assert ddpm.learning_rate(total, total, peak) == 0 and ddpm.learning_rate(total + 5, total, peak) == 0
+    assert ddpm.learning_rate(0, 40, peak) == pytest.approx(peak / 4)  # short runs: a tenth of their steps
 
 
 def test_tiny_overfit_loss_falls_below_what_an_untrained_model_reaches():
     needs_mnist()
     torch.manual_seed(0)
-    images, _ = ddpm.load_images('mnist', DATA, limit=16)
+    images, _ = ddpm.load_mnist(DATA, limit=16)
     d, model = ddpm.Diffusion(), ddpm.ScoreNet(widths=(16, 32, 64))
     eval_loss = lambda: np.mean([d.loss(model, images).item() for _ in range(20)])
     with torch.no_grad():
@@ -272,7 +410,9 @@ def test_tiny_overfit_loss_falls_below_what_an_untrained_model_reaches():
         opt.step()
     with torch.no_grad():
         trained = eval_loss()
-    assert untrained > 0.5 and trained < 0.15, (untrained, trained)  # measured: ~1.0 -> ~0.07
+    assert untrained > 0.5 and trained < 0.15, (untrained, trained)
+
+# --- the train command ------------------------------------------------------------------------------------
 
 
 def test_cli_train_sample_resume_end_to_end(tmp_path):
@@ -280,7 +420,7 @@ def test_cli_train_sample_resume_end_to_end(tmp_path):
     out = tmp_path / 'run'
     r = run('train', *TINY, '--epochs', '1', '--out', str(out))
     assert r.returncode == 0, r.stderr
-    assert 'img/s' in r.stdout and (out / 'ckpt.pt').is_file() and (out / 'samples_epoch1.png').is_file()
+    assert 'img/s' in r.stdout and sorted(p.name for p in out.iterdir()) == ['ckpt.pt', 'log.csv']
     assert ddpm.load_checkpoint(out / 'ckpt.pt')['step'] == 4
     r = run('sample', '--ckpt', str(out / 'ckpt.pt'), '--n', '10', '--out', str(tmp_path / 'g.png'),
             '--npz', str(tmp_path / 's.npz'), '--batch', '4')  # no architecture flags needed
@@ -289,176 +429,190 @@ def test_cli_train_sample_resume_end_to_end(tmp_path):
     assert Image.open(tmp_path / 'g.png').size == (4 * 30 + 2, 3 * 30 + 2)  # 10 digits, 4 per row, padding 2
     samples = np.load(tmp_path / 's.npz')['samples']
     assert samples.shape == (10, 28, 28) and samples.dtype == np.uint8
-    r = run('train', *TINY, '--epochs', '2', '--out', str(out), '--resume', str(out / 'ckpt.pt'))
+    r = run('train', *TINY, '--epochs', '2', '--resume', str(out / 'ckpt.pt'))  # into the checkpoint's folder
     assert r.returncode == 0, r.stderr
     assert 'resumed' in r.stdout and ddpm.load_checkpoint(out / 'ckpt.pt')['step'] == 8
+    assert len((out / 'log.csv').read_text().splitlines()) == 2  # one run, one log: a line per epoch
 
 
-def test_resume_is_bitwise_exact(tmp_path, monkeypatch):
+def stop_at(monkeypatch, calls):
+    """Make training receive SIGINT during its `calls`-th loss: the run finishes that step, saves and exits."""
+    count, loss = [0], ddpm.Diffusion.loss
+    def interrupted_loss(self, *args, **kwargs):
+        count[0] += 1
+        if count[0] == calls:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss(self, *args, **kwargs)
+    monkeypatch.setattr(ddpm.Diffusion, 'loss', interrupted_loss)
+
+
+def test_resume_from_the_middle_of_an_epoch_is_bitwise_exact(tmp_path, monkeypatch):
     needs_mnist()
-    saved, save = [], ddpm.save_checkpoint  # keep every checkpoint of an uninterrupted 3-epoch run
-    monkeypatch.setattr(ddpm, 'save_checkpoint', lambda path, state: saved.append(path.read_bytes() if
-                        path.exists() else None) or save(path, state))
     ddpm.main(['train', *TINY, '--epochs', '3', '--out', str(tmp_path / 'straight')])
-    (tmp_path / 'epoch1.pt').write_bytes(saved[1])  # the file as it was after epoch 1
-    ddpm.main(['train', *TINY, '--epochs', '3', '--out', str(tmp_path / 'resumed'),
-               '--resume', str(tmp_path / 'epoch1.pt')])
+    with monkeypatch.context() as m:
+        stop_at(m, 6)  # step 6 of 12: the middle of epoch 2
+        with pytest.raises(SystemExit, match='SIGINT at step 6'):
+            ddpm.main(['train', *TINY, '--epochs', '3', '--out', str(tmp_path / 'resumed')])
+    ddpm.main(['train', '--data', DATA, '--device', 'cpu', '--resume', str(tmp_path / 'resumed' / 'ckpt.pt')])
     a, b = (ddpm.load_checkpoint(tmp_path / d / 'ckpt.pt') for d in ('straight', 'resumed'))
-    assert ddpm.load_checkpoint(tmp_path / 'epoch1.pt')['step'] == 4 and a['step'] == b['step'] == 12
-    for key in ('model', 'ema', 'optimizer'):
-        for name, value in a[key].items() if key != 'optimizer' else a[key]['state'][0].items():
-            other = b[key][name] if key != 'optimizer' else b[key]['state'][0][name]
-            assert torch.equal(value, other), (key, name)
+    assert a['step'] == b['step'] == 12
+    for key in ('model', 'ema'):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), (key, name)
+    for name, value in a['optimizer']['state'][0].items():
+        assert torch.equal(value, b['optimizer']['state'][0][name]), name
+
+
+def test_resume_takes_left_out_flags_from_the_checkpoint_and_typed_ones_from_the_user(tmp_path):
+    needs_mnist()
+    ddpm.main(['train', *TINY, '--epochs', '1', '--lr', '1e-3', '--out', str(tmp_path)])
+    ddpm.main(['train', '--data', DATA, '--resume', str(tmp_path / 'ckpt.pt'), '--epochs', '2'])
+    ckpt = ddpm.load_checkpoint(tmp_path / 'ckpt.pt')  # not the defaults' batch 32 at lr 3e-3, T=200
+    assert ckpt['step'] == 8 and ckpt['args']['lr'] == 1e-3 and ckpt['args']['batch'] == 50
+    assert ckpt['config']['T'] == 20 and ckpt['config']['widths'] == (8, 16)
+    # a flag typed with the parser's default value is still typed: --lr 3e-3 is used, not the checkpoint's 1e-3
+    ddpm.main(['train', '--data', DATA, '--resume', str(tmp_path / 'ckpt.pt'), '--epochs', '3', '--lr', '3e-3'])
+    assert ddpm.load_checkpoint(tmp_path / 'ckpt.pt')['args']['lr'] == 3e-3
 
 
 def test_resume_refuses_contradicting_flags(tmp_path):
     needs_mnist()
-    ddpm.main(['train', *TINY, '--depth', '2', '--epochs', '1', '--out', str(tmp_path)])
-    r = run('train', *TINY[:-4], '--T', '50', '--resume', str(tmp_path / 'ckpt.pt'), '--out', str(tmp_path))
-    assert r.returncode != 0 and '--T 50 contradicts the checkpoint (20)' in r.stderr
-    r = run('train', *TINY, '--depth', '3', '--resume', str(tmp_path / 'ckpt.pt'), '--out', str(tmp_path))
-    assert r.returncode != 0 and '--depth 3 contradicts the checkpoint (2)' in r.stderr
+    ddpm.main(['train', *TINY, '--depth', '3', '--epochs', '1', '--out', str(tmp_path)])
+    one_line_error(run('train', *TINY[:-6], '--T', '50', '--resume', str(tmp_path / 'ckpt.pt')),
+                   '--T 50 contradicts the checkpoint (20)')
+    one_line_error(run('train', *TINY, '--epochs', '2', '--depth', '2', '--resume', str(tmp_path / 'ckpt.pt')),
+                   '--depth 2 contradicts the checkpoint (3)')  # 2 is the default, but it was typed
     r = run('sample', '--ckpt', str(tmp_path / 'ckpt.pt'), '--n', '2', '--out', str(tmp_path / 'g.png'))
     assert r.returncode == 0, r.stderr  # the checkpoint's config builds the deeper net
 
 
+def test_resuming_a_finished_run_says_so_and_writes_nothing(tmp_path):
+    needs_mnist()
+    ddpm.main(['train', *TINY, '--epochs', '1', '--out', str(tmp_path / 'a')])
+    r = run('train', '--data', DATA, '--resume', str(tmp_path / 'a' / 'ckpt.pt'), '--out', str(tmp_path / 'b'))
+    one_line_error(r, 'has finished its 4 steps: raise --epochs or --minutes to go on')
+    assert not (tmp_path / 'b' / 'ckpt.pt').exists()
+
+
 def test_checkpoint_from_before_depth_and_target_resumes_and_samples_as_depth_1_eps(tmp_path):
     needs_mnist()
-    ddpm.main(['train', *TINY, '--depth', '1', '--epochs', '1', '--out', str(tmp_path)])
-    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    ddpm.main(['train', *TINY, '--depth', '1', '--epochs', '1', '--out', str(tmp_path / 'a')])
+    ckpt = torch.load(tmp_path / 'a' / 'ckpt.pt', weights_only=True)
     for part in ('args', 'config'):  # as written before the flags existed
         del ckpt[part]['depth'], ckpt[part]['target']
     torch.save(ckpt, tmp_path / 'old.pt')
-    ddpm.main(['train', *TINY, '--epochs', '2', '--resume', str(tmp_path / 'old.pt'), '--out', str(tmp_path)])
-    resumed = ddpm.load_checkpoint(tmp_path / 'ckpt.pt')
+    ddpm.main(['train', *TINY, '--epochs', '2', '--resume', str(tmp_path / 'old.pt'), '--out', str(tmp_path / 'b')])
+    resumed = ddpm.load_checkpoint(tmp_path / 'b' / 'ckpt.pt')
     assert resumed['step'] == 8 and resumed['config']['depth'] == 1 and resumed['config']['target'] == 'eps'
     r = run('sample', '--ckpt', str(tmp_path / 'old.pt'), '--n', '2', '--out', str(tmp_path / 'g.png'))
     assert r.returncode == 0, r.stderr
 
 
-def test_resume_without_flags_continues_the_checkpoints_schedule(tmp_path):
+def test_a_run_is_never_overwritten_by_another(tmp_path):
     needs_mnist()
-    ddpm.main(['train', *TINY, '--epochs', '1', '--lr', '1e-3', '--out', str(tmp_path)])
-    ddpm.main(['train', '--data', DATA, '--resume', str(tmp_path / 'ckpt.pt'), '--out', str(tmp_path)])
-    ckpt = ddpm.load_checkpoint(tmp_path / 'ckpt.pt')  # not the defaults' 60 epochs of batch 32 at lr 3e-3
-    assert ckpt['step'] == 4 and ckpt['args']['lr'] == 1e-3 and ckpt['args']['batch'] == 50
+    ddpm.main(['train', *TINY, '--epochs', '1', '--out', str(tmp_path / 'a')])
+    before = {p.name: p.read_bytes() for p in (tmp_path / 'a').iterdir()}
+    one_line_error(run('train', *TINY, '--epochs', '1', '--out', str(tmp_path / 'a')),
+                   f'{tmp_path / "a"} holds another run: continue it with --resume')
+    ddpm.main(['train', *TINY, '--epochs', '1', '--out', str(tmp_path / 'b')])
+    one_line_error(run('train', *TINY, '--epochs', '2', '--resume', str(tmp_path / 'b' / 'ckpt.pt'),
+                       '--out', str(tmp_path / 'a')), 'holds another run')  # resumed, but into another run
+    assert {p.name: p.read_bytes() for p in (tmp_path / 'a').iterdir()} == before
+    (tmp_path / 'c').mkdir()
+    (tmp_path / 'c' / 'log.csv').write_text('1,0.25,0.5,1e-4,0.1\n')  # a run that died before its checkpoint
+    one_line_error(run('train', *TINY, '--out', str(tmp_path / 'c')), 'holds another run')
 
 
-def timed(function, seconds):
-    """`function`, appending the duration of each call to the list `seconds`."""
-    def wrapper(*args, **kwargs):
-        start = time.time()
-        try:
-            return function(*args, **kwargs)
-        finally:
-            seconds.append(time.time() - start)
-    return wrapper
-
-
-def test_minutes_budget_ends_on_time_with_the_schedule_ended(tmp_path, monkeypatch):
+def test_a_second_train_on_the_same_folder_is_refused_while_the_first_runs(tmp_path):
     needs_mnist()
-    budget, saves, grids = 0.1, [], []  # minutes; a tiny step takes ~0.05 s
-    monkeypatch.setattr(ddpm, 'save_checkpoint', timed(ddpm.save_checkpoint, saves))
-    monkeypatch.setattr(ddpm, 'sample', timed(ddpm.sample, grids))
-    ddpm.main(['train', *TINY, '--minutes', str(budget), '--out', str(tmp_path)])
-    ckpt = ddpm.load_checkpoint(tmp_path / 'ckpt.pt')
-    # the budget can be overrun by the epoch's checkpoint and grid that were being written when it ended, one
-    # step, and the final checkpoint: measured 6.0-6.3 s alone, up to 9.9 s beside other jobs (slow fsyncs)
-    late = 2 * max(saves) + max(grids) + 0.5
-    assert 0.7 * budget * 60 < ckpt['seconds'] < budget * 60 + late, (ckpt['seconds'], saves, grids)
-    assert ckpt['step'] == ckpt['total'] < 240 and ckpt['scheduler']['_last_lr'][0] == 0  # ended on time at LR 0
-    last_log_line = (tmp_path / 'log.csv').read_text().splitlines()[-1].split(',')
-    assert float(last_log_line[3]) == 0
-    ddpm.main(['train', *TINY, '--minutes', str(2 * budget), '--out', str(tmp_path),  # resume: the rest of
-               '--resume', str(tmp_path / 'ckpt.pt')])                             # a doubled budget
-    resumed = ddpm.load_checkpoint(tmp_path / 'ckpt.pt')
-    late = 2 * max(saves) + max(grids) + 0.5
-    assert 1.7 * budget * 60 < resumed['seconds'] < 2 * budget * 60 + late and resumed['step'] > ckpt['step']
-
-
-def test_label_dropout_happens_at_the_configured_rate(tmp_path, monkeypatch):
-    needs_mnist()
-    seen, loss = [], ddpm.Diffusion.loss
-
-    def record(self, m, x, y=None, *a):  # remember the labels of each batch, then compute the real loss
-        seen.append(y)
-        return loss(self, m, x, y, *a)
-    monkeypatch.setattr(ddpm.Diffusion, 'loss', record)
-    ddpm.main(['train', *TINY[:3], '1000', *TINY[4:], '--cond', '--p-uncond', '0.3', '--epochs', '1',
-               '--out', str(tmp_path)])
-    labels = torch.cat(seen)
-    assert len(labels) == 1000 and abs((labels == 10).float().mean().item() - 0.3) < 0.05
-
-
-def test_tiny_conditional_overfit_draws_the_requested_class(tmp_path, monkeypatch):
-    needs_mnist()
-    images, labels = ddpm.load_images('mnist', DATA, limit=1000)
-    zeros_and_ones = (labels == 0) | (labels == 1)
-    monkeypatch.setattr(ddpm, 'load_images', lambda *a, **k: (images[zeros_and_ones][:20],
-                                                              labels[zeros_and_ones][:20]))
-    ddpm.main(['train', '--data', DATA, '--cond', '--T', '20', '--schedule', 'cosine', '--target', 'v',
-               '--batch', '10', '--lr', '3e-3', '--epochs', '200', '--every', '1000', '--out', str(tmp_path)])
-    ckpt = ddpm.load_checkpoint(tmp_path / 'ckpt.pt')
-    diffusion, model = ddpm.build(ckpt['config'], 'cpu')
-    model.load_state_dict(ckpt['ema'])
-    wanted = torch.tensor([0, 1] * 20)
-    x = ddpm.sample(model, diffusion, (40, 1, 28, 28), 'dpm++', 20, labels=wanted, guidance=1.0,
-                    generator=torch.Generator().manual_seed(0))
-    drawn = fid.Extractor('mnist').net(fid.to_input(ddpm.to_uint8(x))).argmax(1)
-    assert (drawn == wanted).float().mean() >= 0.8, drawn.tolist()  # measured: 0.95 (38 of 40) at 400 steps
+    first = start('train', *TINY, '--epochs', '10000', '--out', str(tmp_path))
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / 'ckpt.pt').exists():  # its first epoch's checkpoint
+            assert time.time() < deadline and first.poll() is None, first.stderr.read()
+            time.sleep(0.05)
+        one_line_error(run('train', '--data', DATA, '--resume', str(tmp_path / 'ckpt.pt'), '--epochs', '20000'),
+                       f'another train is running in {tmp_path}')
+    finally:
+        first.kill()  # no clean exit: the kernel drops its lock
+        first.wait(timeout=60)
+    step = ddpm.load_checkpoint(tmp_path / 'ckpt.pt')['step']
+    r = run('train', '--data', DATA, '--resume', str(tmp_path / 'ckpt.pt'), '--epochs', str(step // 4 + 1))
+    assert r.returncode == 0 and f'at step {step}' in r.stdout, r.stderr
 
 
 @pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_a_checkpoint_that_resumes(tmp_path, sig):
     needs_mnist()
-    proc = subprocess.Popen([sys.executable, str(ROOT / 'ddpm.py'), 'train', *TINY, '--epochs', '10000',
-                             '--every', '10000', '--out', str(tmp_path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = start('train', *TINY, '--epochs', '10000', '--out', str(tmp_path))
     assert 'training' in proc.stdout.readline()
     time.sleep(2)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode != 0 and 'continue with: python ddpm.py train --resume' in err, err
+    assert proc.returncode != 0 and f'continue: python ddpm.py train --resume {tmp_path / "ckpt.pt"}' in err, err
     step = ddpm.load_checkpoint(tmp_path / 'ckpt.pt')['step']
     assert step > 0
-    r = run('train', *TINY, '--epochs', str(step // 4 + 1), '--resume', str(tmp_path / 'ckpt.pt'),
-            '--out', str(tmp_path))
+    r = run('train', '--data', DATA, '--epochs', str(step // 4 + 1), '--resume', str(tmp_path / 'ckpt.pt'))
     assert r.returncode == 0 and f'at step {step}' in r.stdout, r.stderr
+
+
+def test_ctrl_c_while_sampling_is_one_line(tmp_path):
+    needs_mnist()
+    ddpm.main(['train', *TINY, '--epochs', '1', '--out', str(tmp_path)])
+    args = ['sample', '--ckpt', str(tmp_path / 'ckpt.pt'), '--n', '100000', '--batch', '10', '--npz',
+            str(tmp_path / 's.npz'), '--device', 'cpu']
+    proc = start(*args)
+    assert 'samples' in proc.stdout.readline()  # well into the work
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and err.strip() == 'interrupted', err
+    assert not (tmp_path / 's.npz').exists()
 
 
 def test_checkpoint_survives_sigkill_during_saves(tmp_path):
     path = tmp_path / 'ckpt.pt'
-    script = (f'import ddpm, torch\nstate = {{"format": ddpm.FORMAT, "w": torch.randn(2_000_000)}}\n'
-              f'while True:\n    ddpm.save_checkpoint({str(path)!r}, state)\n')
+    script = (f'import ddpm, torch\nstate = {{"format": ddpm.FORMAT, "config": {{}}, "ema": {{}}, '
+              f'"w": torch.randn(2_000_000)}}\nwhile True:\n    ddpm.save_checkpoint({str(path)!r}, state)\n')
     proc = subprocess.Popen([sys.executable, '-c', script], cwd=ROOT)
+    deadline = time.time() + 60
     while not path.exists():
+        assert time.time() < deadline and proc.poll() is None, 'no checkpoint written within 60 s'
         time.sleep(0.05)
     time.sleep(1.0)  # many saves in flight by now
     proc.kill()
-    proc.wait()
+    proc.wait(timeout=60)
     assert ddpm.load_checkpoint(path)['w'].shape == (2_000_000,)
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     needs_mnist()
-    ddpm.main(['train', *TINY, '--epochs', '1', '--out', str(tmp_path)])
-    before = (tmp_path / 'ckpt.pt').read_bytes()
+    ddpm.main(['train', *TINY, '--epochs', '1', '--out', str(tmp_path / 'a')])
+    before = (tmp_path / 'a' / 'ckpt.pt').read_bytes()
     monkeypatch.setattr(ddpm.Diffusion, 'loss', lambda *a, **k: torch.tensor(float('nan'), requires_grad=True))
     # the loss is read at each progress line (every 5 s) and before each checkpoint: here by the one at step 8
-    with pytest.raises(SystemExit, match=r'loss became nan by step [5-8]: training diverged; try a lower --lr'):
-        ddpm.main(['train', *TINY, '--epochs', '2', '--out', str(tmp_path), '--resume', str(tmp_path / 'ckpt.pt')])
-    assert (tmp_path / 'ckpt.pt').read_bytes() == before
+    kept = r'loss became nan by step [5-8]; try a lower --lr than 0.003 \(.*ckpt.pt is kept\)'
+    with pytest.raises(SystemExit, match=kept):
+        ddpm.main(['train', '--data', DATA, '--epochs', '2', '--resume', str(tmp_path / 'a' / 'ckpt.pt')])
+    assert (tmp_path / 'a' / 'ckpt.pt').read_bytes() == before
+    with pytest.raises(SystemExit, match=r'loss became nan by step [1-4]; .*\(no checkpoint was saved\)'):
+        ddpm.main(['train', *TINY, '--epochs', '1', '--out', str(tmp_path / 'b')])
+
+
+class FakeClock:
+    """ddpm's clock, moved only by training steps: `seconds_per_step(step)` each."""
+    def __init__(self, monkeypatch, seconds_per_step):
+        self.now, self.steps, loss = 0.0, 0, LOSS
+        def timed_loss(diffusion, *args, **kwargs):
+            self.now += seconds_per_step(self.steps)
+            self.steps += 1
+            return loss(diffusion, *args, **kwargs)
+        monkeypatch.setattr(ddpm.Diffusion, 'loss', timed_loss)
+        monkeypatch.setattr(ddpm, 'time', SimpleNamespace(time=lambda: self.now))
 
 
 def test_progress_line_reports_the_recent_pace_not_the_average(tmp_path, monkeypatch, capsys):
     needs_mnist()
-    clock, loss = [0.0], ddpm.Diffusion.loss  # a clock that only training steps move: the first epoch's
-
-    def slow_then_fast_loss(self, *args, **kwargs):  # 4 steps take 25 s each (a busy CPU), the later ones 1 s
-        clock[0] += 25 if clock[0] < 100 else 1
-        return loss(self, *args, **kwargs)
-    monkeypatch.setattr(ddpm.Diffusion, 'loss', slow_then_fast_loss)
-    monkeypatch.setattr(ddpm, 'time', SimpleNamespace(time=lambda: clock[0]))  # ddpm's clock only
+    FakeClock(monkeypatch, lambda step: 25 if step < 4 else 1)  # 4 slow steps (a busy CPU), then fast ones
     ddpm.main(['train', *TINY, '--epochs', '3', '--out', str(tmp_path)])  # 12 steps of 50 images
     lines = [line for line in capsys.readouterr().out.splitlines() if ' img/s ' in line]
     rates = [line.split(' img/s ')[0].rsplit(' ', 1)[1] for line in lines]
@@ -466,6 +620,54 @@ def test_progress_line_reports_the_recent_pace_not_the_average(tmp_path, monkeyp
     # would read 8 * 50 / 104 = 4 img/s at step 8 and an ETA of 0.9 minutes
     assert rates == ['2', '2', '2', '2', '50', '50'], lines
     assert 'step 8/12' in lines[4] and lines[4].endswith('eta 0.1m'), lines
+
+
+def test_minutes_budget_plans_the_schedule_to_end_on_time(tmp_path, monkeypatch):
+    needs_mnist()
+    clock = FakeClock(monkeypatch, lambda step: 2.0)  # 2 s a step: a 1-minute budget holds 30 steps
+    ddpm.main(['train', *TINY, '--minutes', '1', '--out', str(tmp_path)])
+    ckpt = ddpm.load_checkpoint(tmp_path / 'ckpt.pt')
+    assert ckpt['step'] == ckpt['total'] == clock.steps == 30 and ckpt['seconds'] == 60
+    last = (tmp_path / 'log.csv').read_text().splitlines()[-1].split(',')
+    assert last[0] == '30' and float(last[3]) == 0  # the cosine reached 0 at the planned end
+    FakeClock(monkeypatch, lambda step: 2.0)
+    ddpm.main(['train', '--data', DATA, '--minutes', '2', '--resume', str(tmp_path / 'ckpt.pt')])  # the rest of 2 min
+    assert ddpm.load_checkpoint(tmp_path / 'ckpt.pt')['step'] == 60
+    FakeClock(monkeypatch, lambda step: 0.001)  # --epochs still caps a fast run: 2 epochs of 4 steps
+    ddpm.main(['train', *TINY, '--minutes', '1', '--epochs', '2', '--out', str(tmp_path / 'capped')])
+    assert ddpm.load_checkpoint(tmp_path / 'capped' / 'ckpt.pt')['step'] == 8
+
+
+def test_label_dropout_happens_at_a_tenth(tmp_path, monkeypatch):
+    needs_mnist()
+    seen, loss = [], ddpm.Diffusion.loss
+
+    def record(self, m, x, y=None, *a):  # remember the labels of each batch, then compute the real loss
+        seen.append(y)
+        return loss(self, m, x, y, *a)
+    monkeypatch.setattr(ddpm.Diffusion, 'loss', record)
+    ddpm.main(['train', *TINY[:3], '2000', *TINY[4:], '--cond', '--epochs', '1', '--out', str(tmp_path)])
+    labels = torch.cat(seen)
+    assert len(labels) == 2000 and abs((labels == 10).float().mean().item() - 0.1) < 0.02
+
+
+def test_tiny_conditional_overfit_draws_the_requested_class(tmp_path, monkeypatch):
+    needs_mnist()
+    images, labels = ddpm.load_mnist(DATA, limit=1000)
+    zeros_and_ones = (labels == 0) | (labels == 1)
+    monkeypatch.setattr(ddpm, 'load_mnist', lambda *a, **k: (images[zeros_and_ones][:20], labels[zeros_and_ones][:20]))
+    ddpm.main(['train', '--data', DATA, '--cond', '--T', '20', '--target', 'v', '--widths', '32,64,128',
+               '--batch', '10', '--epochs', '200', '--device', 'cpu', '--out', str(tmp_path)])
+    ckpt = ddpm.load_checkpoint(tmp_path / 'ckpt.pt')
+    diffusion, model = ddpm.build(ckpt['config'], 'cpu')
+    model.load_state_dict(ckpt['ema'])
+    wanted = torch.tensor([0, 1] * 20)
+    x = ddpm.sample(model, diffusion, (40, 1, 28, 28), 'dpm++', 20, labels=wanted, guidance=1.0,
+                    generator=torch.Generator().manual_seed(0))
+    drawn = fid.Extractor('mnist').net(fid.to_input(ddpm.to_uint8(x))).argmax(1)
+    assert (drawn == wanted).float().mean() >= 0.8, drawn.tolist()
+
+# --- bad input: one line, before any long work, nothing lost ------------------------------------------------
 
 
 def test_checkpoint_that_would_run_code_is_refused(tmp_path):
@@ -482,123 +684,155 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path):
 
 def test_bad_inputs_give_one_line_errors(tmp_path):
     (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
+    (tmp_path / 'empty.pt').write_bytes(b'')
     torch.save({'some': 'dict'}, tmp_path / 'other.pt')
+    torch.save({'format': ddpm.FORMAT, 'config': {}}, tmp_path / 'no_ema.pt')
     (tmp_path / 'readonly').mkdir(mode=0o500)
     cases = [
         (['sample', '--ckpt', str(tmp_path / 'missing.pt')], 'not found'),
         (['sample', '--ckpt', str(tmp_path / 'junk.pt')], 'not a readable ddpm.py checkpoint'),
+        (['sample', '--ckpt', str(tmp_path / 'empty.pt')], 'not a readable ddpm.py checkpoint'),
+        (['train', '--resume', str(tmp_path / 'empty.pt')], 'not a readable ddpm.py checkpoint'),
         (['sample', '--ckpt', str(tmp_path / 'other.pt')], 'is not a ddpm.py checkpoint'),
+        (['sample', '--ckpt', str(tmp_path / 'no_ema.pt')], "is incomplete: it lacks ['ema']"),
         (['train', '--T', '0'], 'argument --T: 0 is out of range'),
         (['train', '--lr', 'fast'], "argument --lr: invalid float value: 'fast'"),
         (['train', '--batch', '0'], 'argument --batch: 0 is out of range'),
         (['train', '--widths', '32'], '--widths needs two or more levels'),
+        (['train', '--widths', '50000,50000'], 'argument --widths: 50000 is out of range'),
         (['train', '--depth', '0'], 'argument --depth: 0 is out of range'),
         (['sample', '--n', '-1'], 'argument --n: -1 is out of range'),
+        (['sample', '--n', '1000000000000'], 'argument --n: 1000000000000 is out of range'),
         (['sample', '--digit', '11'], 'argument --digit: invalid choice'),
         (['sample', '--guidance', '-1'], 'argument --guidance: -1 is out of range'),
-        (['train', '--data', str(tmp_path / 'nowhere'), '--out', str(tmp_path / 'o'), '--device', 'cpu'],
-         'cannot load mnist from'),
+        (['sample', '--out', ''], "nothing to write: --out '' and no --npz"),
+        (['sample', '--npz', str(tmp_path / 'samples')], 'a name of the wrong type'),
+        (['sample', '--out', str(tmp_path / 'grid.txt'), '--npz', str(tmp_path / 'x.npz')], 'a name of the wrong type'),
+        (['train', '--data', str(tmp_path / 'nowhere'), '--out', str(tmp_path / 'o')], 'cannot load MNIST from'),
+        (['train', '--device', 'nonsense'], 'nonsense'),
     ]
     if os.geteuid() != 0:  # root can write anywhere
         cases.append((['train', '--out', str(tmp_path / 'readonly' / 'run')], 'Permission denied'))
-    env = dict(os.environ, TORCH_HOME=str(tmp_path))
+    env = dict(os.environ, TORCH_HOME=str(tmp_path), no_proxy='*', https_proxy='http://127.0.0.1:9')
     for args, message in cases:
-        r = subprocess.run([sys.executable, str(ROOT / 'ddpm.py'), *args], capture_output=True, text=True,
-                           timeout=120, cwd=ROOT, env=env | {'no_proxy': '*', 'https_proxy': 'http://127.0.0.1:9'})
-        assert r.returncode != 0, args
-        assert message in r.stderr and 'Traceback' not in r.stderr, (args, r.stderr)
-        assert len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+        one_line_error(run(*args, timeout=120, env=env), message)
+    assert not (tmp_path / 'x.npz').exists()  # the bad grid name was refused before any sampling
+
+
+def test_damaged_checkpoints_give_one_line_errors(tmp_path):
+    needs_mnist()
+    ddpm.main(['train', *TINY, '--epochs', '1', '--out', str(tmp_path / 'a')])
+    ckpt = torch.load(tmp_path / 'a' / 'ckpt.pt', weights_only=True)
+    ckpt['ema']['out.weight'] = torch.zeros(3, 3)
+    torch.save(ckpt, tmp_path / 'shapes.pt')
+    ckpt = torch.load(tmp_path / 'a' / 'ckpt.pt', weights_only=True)
+    del ckpt['optimizer']
+    torch.save(ckpt, tmp_path / 'no_optimizer.pt')
+    ckpt = torch.load(tmp_path / 'a' / 'ckpt.pt', weights_only=True)
+    ckpt['config']['schedule'], ckpt['config']['T'], ckpt['config']['beta_end'] = 'linear', 200, 0.999
+    torch.save(ckpt, tmp_path / 'schedule.pt')  # a checkpoint of a schedule that would hang the step search
+    one_line_error(run('sample', '--ckpt', str(tmp_path / 'shapes.pt')), 'size mismatch for out.weight')
+    one_line_error(run('train', '--data', DATA, '--epochs', '2', '--resume', str(tmp_path / 'no_optimizer.pt')),
+                   "KeyError 'optimizer'")
+    one_line_error(run('sample', '--ckpt', str(tmp_path / 'schedule.pt'), timeout=60), 'abar must fall')
+    r = run('train', *TINY, '--T', '200', '--schedule', 'linear', '--beta-end', '0.999', '--out', str(tmp_path / 'b'))
+    one_line_error(r, 'abar must fall step by step')
 
 
 def test_sampling_errors(tmp_path):
     needs_mnist()
     ddpm.main(['train', *TINY, '--epochs', '1', '--out', str(tmp_path)])
-    r = run('sample', '--ckpt', str(tmp_path / 'ckpt.pt'), '--digit', '3')
-    assert r.returncode != 0 and 'trained without --cond' in r.stderr
-    r = run('sample', '--ckpt', str(tmp_path / 'ckpt.pt'), '--sampler', 'ddim', '--steps', '21')
-    assert r.returncode != 0 and 'steps in 1..20' in r.stderr and 'Traceback' not in r.stderr
+    one_line_error(run('sample', '--ckpt', str(tmp_path / 'ckpt.pt'), '--digit', '3'), 'trained without --cond')
+    one_line_error(run('sample', '--ckpt', str(tmp_path / 'ckpt.pt'), '--sampler', 'ddim', '--steps', '21'),
+                   'steps in 1..20')
 
 
-def test_gif_has_the_requested_frames_and_grid(tmp_path):
+def test_digit_all_draws_every_digit_its_share_a_column_each(tmp_path, monkeypatch):
     needs_mnist()
     ddpm.main(['train', *TINY, '--epochs', '1', '--out', str(tmp_path), '--cond'])
-    r = run('sample', '--ckpt', str(tmp_path / 'ckpt.pt'), '--n', '10', '--digit', 'all', '--gif',
-            str(tmp_path / 'a.gif'), '--out', str(tmp_path / 'g.png'))
-    assert r.returncode == 0, r.stderr
-    gif = Image.open(tmp_path / 'a.gif')
-    assert gif.n_frames == 20 and gif.size == (8 * 30 + 2, 2 * 30 + 2)  # T=20 steps; 10 images, 8 per row
-    assert Image.open(tmp_path / 'g.png').size == (1 * 30 + 2, 10 * 30 + 2)  # one row per digit
+    drawn, sample = [], ddpm.sample
+    def record(model, diffusion, shape, *args, **kwargs):
+        drawn.append(args[3] if len(args) > 3 else kwargs['labels'])
+        return sample(model, diffusion, shape, *args, **kwargs)
+    monkeypatch.setattr(ddpm, 'sample', record)
+    ddpm.main(['sample', '--ckpt', str(tmp_path / 'ckpt.pt'), '--n', '15', '--digit', 'all', '--batch', '4',
+               '--device', 'cpu', '--out', str(tmp_path / 'g.png')])
+    labels = torch.cat(drawn).tolist()
+    assert labels == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1, 2, 3, 4]  # every digit, 1 or 2 each
+    assert Image.open(tmp_path / 'g.png').size == (10 * 30 + 2, 2 * 30 + 2)  # a column per digit
 
 
-def test_torchrun_two_processes_train_like_one(tmp_path):
+def test_readme_library_snippet_runs_as_pasted(tmp_path):
+    readme = (ROOT / 'README.md').read_text()
+    snippet = readme.split('```python\n')[1].split('```')[0]
+    (tmp_path / 'snippet.py').write_text(snippet)
+    r = subprocess.run([sys.executable, str(tmp_path / 'snippet.py')], capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0 and r.stdout.strip() == 'torch.Size([4, 3, 32, 32]) tensor(True) tensor(True)', r.stderr
+
+
+def test_import_has_no_side_effects_and_works_without_fcntl_and_resource(tmp_path):
+    for blocked in ([], ['fcntl', 'resource']):  # Windows has neither
+        code = (f'import sys; sys.path.insert(0, {str(ROOT)!r}); sys.modules.update(dict.fromkeys({blocked!r}));'
+                f' import ddpm, fid; assert (ddpm.fcntl is None) == {bool(blocked)}')
+        r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+        assert r.returncode == 0 and r.stdout == '' and r.stderr == '' and list(tmp_path.iterdir()) == [], r.stderr
+
+
+def test_training_without_fcntl_and_resource_still_works(tmp_path, monkeypatch):
     needs_mnist()
-    # widths from 16: a GroupNorm group of one channel cancels that channel's bias, whose gradient is then 0 up to
-    # rounding, which Adam turns into steps of +-lr in any run: 8-channel layers would differ by ~1e-3
-    tiny = [*TINY[:-1], '16,32', '--device', 'cpu']
-    for epochs, resume in (('1', []), ('2', ['--resume'])):  # 2 epochs: resumed under torchrun too
-        for name, launch in (('one', [sys.executable]), ('two', [sys.executable, '-m', 'torch.distributed.run',
-                                                                  '--standalone', '--nproc_per_node=2'])):
-            out = tmp_path / name
-            r = subprocess.run([*launch, str(ROOT / 'ddpm.py'), 'train', *tiny, '--epochs', epochs, '--out', str(out),
-                                *resume, *[str(out / 'ckpt.pt')] * len(resume)], capture_output=True, text=True,
-                               timeout=300, cwd=ROOT)
-            assert r.returncode == 0 and r.stdout.count('done:') == 1, r.stdout + r.stderr  # rank 0 logs alone
-    one, two = (ddpm.load_checkpoint(tmp_path / name / 'ckpt.pt') for name in ('one', 'two'))
-    assert one['step'] == two['step'] == 8
-    for key in ('model', 'ema'):
-        for name, value in one[key].items():
-            torch.testing.assert_close(two[key][name], value, rtol=0, atol=1e-5, msg=f'{key} {name}')
-    files = sorted(p.name for p in (tmp_path / 'two').iterdir())
-    assert files == ['ckpt.pt', 'log.csv', 'samples_epoch1.png', 'samples_epoch2.png'], files
-    assert len((tmp_path / 'two' / 'log.csv').read_text().splitlines()) == 2  # one line per epoch: rank 0's
-
-
-def test_compile_and_amp_train_close_to_eager(tmp_path):
-    needs_mnist()
-    if not torch._dynamo.is_dynamo_supported() or not shutil.which(os.environ.get('CXX', 'g++')):
-        pytest.skip('torch.compile is not supported here (it needs Dynamo and a C++ compiler on the CPU)')
-    tiny = [*TINY[:-1], '16,32', '--epochs', '1']
-    weights = {}
-    for flags in ([], ['--compile'], ['--amp']):
-        ddpm.main(['train', *tiny, *flags, '--out', str(tmp_path / str(flags))])
-        weights[tuple(flags)] = ddpm.load_checkpoint(tmp_path / str(flags) / 'ckpt.pt')['model']
-    for flags, tolerance in ((('--compile',), 5e-4), (('--amp',), 2e-2)):  # one Adam step: up to lr = 3e-3
-        gap = max((weights[flags][n] - w).abs().max().item() for n, w in weights[()].items())
-        assert gap < tolerance, (flags, gap)
-    assert gap > 1e-5  # bfloat16 autocast did change the arithmetic
-
-
-def test_import_has_no_side_effects(tmp_path):
-    r = subprocess.run([sys.executable, '-c', f'import sys; sys.path.insert(0, {str(ROOT)!r}); import ddpm, fid'],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=60)
-    assert r.returncode == 0 and r.stdout == '' and r.stderr == '' and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(ddpm, 'fcntl', None)
+    monkeypatch.setattr(ddpm, 'resource', None)
+    ddpm.main(['train', *TINY, '--epochs', '1', '--out', str(tmp_path)])
+    assert ddpm.load_checkpoint(tmp_path / 'ckpt.pt')['step'] == 4
 
 # --- fid.py -----------------------------------------------------------------------------------------------
 
 
-def test_frechet_distance_closed_forms():
+def sqrt_psd(m):  # the square root of a symmetric positive semi-definite matrix, by eigendecomposition
+    w, v = np.linalg.eigh(m)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def independent_frechet_trace(s1, s2):  # Tr((S1 S2)^1/2) = Tr((S1^1/2 S2 S1^1/2)^1/2), a symmetric form
+    root = sqrt_psd(s1)
+    return np.trace(sqrt_psd(root @ s2 @ root))
+
+
+def independent_frechet(mu1, s1, mu2, s2):
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * independent_frechet_trace(s1, s2))
+
+
+def test_frechet_distance_of_non_commuting_covariances():
     rng = np.random.default_rng(0)
-    a = rng.normal(size=(500, 6))
-    mu, sigma = a.mean(0), np.cov(a, rowvar=False)
-    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
-    d1, d2, m1, m2 = rng.uniform(0.5, 2, 6), rng.uniform(0.5, 2, 6), rng.normal(size=6), rng.normal(size=6)
-    expected = ((m1 - m2) ** 2).sum() + (d1 + d2 - 2 * np.sqrt(d1 * d2)).sum()  # diagonal covariances
-    assert abs(fid.frechet_distance(m1, np.diag(d1), m2, np.diag(d2)) - expected) < 1e-8
-    b = rng.normal(size=(500, 6)) * 2 + 1
-    stats_b = b.mean(0), np.cov(b, rowvar=False)
-    assert abs(fid.frechet_distance(mu, sigma, *stats_b) - fid.frechet_distance(*stats_b, mu, sigma)) < 1e-8
+    a, b = rng.normal(size=(400, 6)), rng.normal(size=(400, 6)) @ rng.normal(size=(6, 6)) + 1
+    stats_a, stats_b = (a.mean(0), np.cov(a, rowvar=False)), (b.mean(0), np.cov(b, rowvar=False))
+    assert not np.allclose(stats_a[1] @ stats_b[1], stats_b[1] @ stats_a[1])  # they do not commute
+    expected = independent_frechet(*stats_a, *stats_b)
+    assert abs(fid.frechet_distance(*stats_a, *stats_b) - expected) < 1e-6 * expected
+    assert abs(fid.frechet_distance(*stats_b, *stats_a) - expected) < 1e-6 * expected
+    assert abs(fid.frechet_distance(*stats_a, *stats_a)) < 1e-6
 
 
-def test_frechet_distance_of_singular_covariances():
-    sigma = np.zeros((4, 4))
-    sigma[0, 0] = 1.0
-    assert abs(fid.frechet_distance(np.zeros(4), sigma, np.zeros(4), sigma)) < 1e-4
+def test_frechet_distance_retries_a_singular_product_with_an_offset(monkeypatch):
+    rng = np.random.default_rng(1)
+    s1, s2 = np.cov(rng.normal(size=(50, 4)), rowvar=False), np.cov(rng.normal(size=(50, 4)), rowvar=False)
+    mu1, mu2 = rng.normal(size=4), rng.normal(size=4)
+    calls, sqrtm = [], linalg.sqrtm
+    def failing_once(m):
+        calls.append(m)
+        return np.full_like(m, np.inf) if len(calls) == 1 else sqrtm(m)
+    monkeypatch.setattr(fid.linalg, 'sqrtm', failing_once)
+    got = fid.frechet_distance(mu1, s1, mu2, s2, eps=1e-3)
+    offset = np.eye(4) * 1e-3  # the retry nudges both covariances off singularity
+    assert len(calls) == 2 and np.allclose(calls[1], (s1 + offset) @ (s2 + offset))
+    want = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2) - 2 * independent_frechet_trace(s1 + offset, s2 + offset)
+    assert abs(got - want) < 1e-8
 
 
 def test_mnist_feature_net_is_accurate():
     needs_mnist()
-    extractor = fid.Extractor('mnist')
-    assert fid.accuracy(extractor.net, DATA) >= 0.99
+    assert fid.accuracy(fid.Extractor('mnist').net, DATA) >= 0.99
 
 
 def test_mnist_fid_is_zero_on_itself_and_grows_with_noise():
@@ -614,6 +848,43 @@ def test_mnist_fid_is_zero_on_itself_and_grows_with_noise():
     assert 0 < scores[0] < scores[1] < scores[2], scores
 
 
+class Recorder(torch.nn.Module):
+    """A stand-in for the Inception network: records its input, returns a fixed feature per image."""
+    def __init__(self):
+        super().__init__()
+        self.inputs = []
+    def forward(self, x):
+        self.inputs.append(x)
+        return x.mean((2, 3))
+
+
+def stub_extractor(kind='inception'):
+    extractor = object.__new__(fid.Extractor)
+    extractor.kind, extractor.batch, extractor.net, extractor.weights = kind, 200, Recorder(), 'stub'
+    return extractor
+
+
+@pytest.mark.parametrize('channels', [None, 1, 3, 4])
+def test_inception_input_is_pytorch_fids_preprocessing(channels):
+    rng = np.random.default_rng(0)
+    shape = (5, 28, 28) if channels is None else (5, 28, 28, channels)
+    images = rng.integers(0, 256, shape, dtype=np.uint8)
+    images[0] = 255  # the range ends at 255 / 128 - 1
+    extractor = stub_extractor()
+    extractor(images)
+    x = extractor.net.inputs[0]
+    assert x.shape == (5, 3, 299, 299)
+    rgb = torch.as_tensor(images).float()
+    rgb = rgb[:, None].repeat(1, 3, 1, 1) if rgb.dim() == 3 else rgb[..., :3].permute(0, 3, 1, 2)
+    if channels == 1:
+        rgb = rgb[:, :1].repeat(1, 3, 1, 1)
+    want = torch.nn.functional.interpolate(rgb, size=(299, 299), mode='bilinear', align_corners=False) / 128 - 1
+    torch.testing.assert_close(x, want)
+    assert x.max().item() == pytest.approx(255 / 128 - 1) and x.min().item() >= -1
+    corners = torch.nn.functional.interpolate(rgb, size=(299, 299), mode='bilinear', align_corners=True) / 128 - 1
+    assert not torch.allclose(x, corners)  # align_corners=False, as pytorch-fid
+
+
 def test_inception_features_separate_real_from_noise():
     try:
         extractor = fid.Extractor('inception', batch=50)
@@ -622,36 +893,87 @@ def test_inception_features_separate_real_from_noise():
         pytest.skip('Inception weights not available here')
     needs_mnist()
     images = fid.load_mnist(DATA, train=False)[0]
-    a, b = extractor(images[:150]), extractor(images[150:300])
-    noise = extractor(np.random.default_rng(0).integers(0, 256, (150, 28, 28), dtype=np.uint8))
-    assert a.shape == (150, 2048)
+    a, b = extractor(images[:60]), extractor(images[60:120])
+    noise = extractor(np.random.default_rng(0).integers(0, 256, (60, 28, 28), dtype=np.uint8))
+    assert a.shape == (60, 2048)
     real = fid.frechet_distance(*fid.statistics(a), *fid.statistics(b))
     fake = fid.frechet_distance(*fid.statistics(a), *fid.statistics(noise))
-    assert real < fake / 5, (real, fake)
+    assert real < fake / 3, (real, fake)
+
+
+class FakeExtractor:
+    """What reference_stats needs of an extractor: a kind, the short hash of its weights, features of images."""
+    kind, weights = 'mnist', 'w1'
+
+    def __call__(self, images):
+        return images
+
+
+def test_reference_statistics_are_cached_by_what_they_depend_on(tmp_path, monkeypatch):
+    needs_mnist()
+    monkeypatch.setenv('FID_CACHE', str(tmp_path / 'cache'))
+    monkeypatch.setattr(fid, 'load_mnist', lambda root, train: (np.zeros((30, 28, 28), np.uint8), None))
+    computed = []
+    def count(features):
+        computed.append(1)
+        return np.ones(3), np.eye(3)
+    monkeypatch.setattr(fid, 'statistics', count)
+    extractor = FakeExtractor()
+    fid.reference_stats(extractor, DATA, n=20)
+    fid.reference_stats(extractor, DATA, n=20)
+    assert len(computed) == 1  # a hit is reused
+    for change in ({'kind': 'inception'}, {'weights': 'other'}, {}):
+        for key, value in change.items():
+            setattr(extractor, key, value)
+        fid.reference_stats(extractor, DATA, n=20 if change else 10)
+    monkeypatch.setattr(fid, 'FEATURES_VERSION', 'v9')
+    fid.reference_stats(extractor, DATA, n=10)
+    assert len(computed) == 5  # the extractor, its weights, n and the feature version each make a new entry
+    entry = next((tmp_path / 'cache').glob('*-v9-*'))
+    entry.write_bytes(b'damaged')
+    fid.reference_stats(extractor, DATA, n=10)  # a damaged entry is rebuilt, not fatal
+    assert len(computed) == 6 and np.load(entry)['mu'].shape == (3,)
+    monkeypatch.setenv('FID_CACHE', str(tmp_path / 'file' / 'cache'))
+    (tmp_path / 'file').write_bytes(b'')  # a cache folder that cannot be made: computed, a warning, no error
+    assert fid.reference_stats(extractor, DATA, n=10)[0].shape == (3,)
 
 
 def test_fid_cli_bad_inputs(tmp_path):
     np.savez(tmp_path / 'float.npz', samples=np.zeros((5, 28, 28), np.float32))
     np.savez(tmp_path / 'one.npz', samples=np.zeros((1, 28, 28), np.uint8))
     np.savez(tmp_path / 'shape.npz', samples=np.zeros((5, 28), np.uint8))
-    cases = [('missing.npz', 'cannot read samples'), ('float.npz', 'expected uint8 images'),
-             ('one.npz', 'at least 2 samples'), ('shape.npz', 'expected uint8 images')]
-    for name, message in cases:
-        r = subprocess.run([sys.executable, str(ROOT / 'fid.py'), str(tmp_path / name), '--data', DATA],
-                           capture_output=True, text=True, timeout=120, cwd=ROOT)
-        assert r.returncode != 0 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    np.savez(tmp_path / 'two.npz', samples=np.zeros((5, 28, 28, 2), np.uint8))
+    np.savez(tmp_path / 'ok.npz', samples=np.zeros((5, 28, 28), np.uint8))
+    (tmp_path / 'weights.pt').write_bytes(b'not TorchScript')
+    ok, weights, nowhere = (str(tmp_path / name) for name in ('ok.npz', 'weights.pt', 'nowhere.pt'))
+    npz = lambda name: [str(tmp_path / f'{name}.npz')]
+    cases = [(npz('missing'), 'cannot read samples'), (npz('float'), 'expected uint8'),
+             (npz('one'), 'at least 2 samples'), (npz('shape'), 'expected uint8'), (npz('two'), 'expected uint8'),
+             ([ok, '--n', 'x'], "argument --n: invalid int value: 'x'"),
+             ([ok, '--features', 'inception', '--inception', weights], 'cannot load the inception weights'),
+             ([ok, '--features', 'inception', '--inception', nowhere], f'--inception {nowhere} not found')]
+    for args, message in cases:
+        one_line_error(run(*args, '--data', DATA, timeout=120, script='fid.py',
+                           env=dict(os.environ, FID_CACHE=str(tmp_path))), message)
+    one_line_error(run(ok, '--features', 'inception', '--data', DATA, script='fid.py', timeout=120,
+                       env=dict(os.environ, FID_INCEPTION=nowhere)), f'FID_INCEPTION {nowhere} not found')
+
+
+def test_fid_reports_damaged_mnist_weights_in_one_line(tmp_path, monkeypatch):
+    (tmp_path / 'fid_mnist.pt').write_bytes(fid.MNIST_WEIGHTS.read_bytes()[:1000])  # a truncated copy
+    monkeypatch.setattr(fid, 'MNIST_WEIGHTS', tmp_path / 'fid_mnist.pt')
+    with pytest.raises(fid.FIDError, match='cannot load the mnist weights'):
+        fid.Extractor('mnist')
 
 
 def test_fid_cli_scores_samples(tmp_path):
     needs_mnist()
     train = fid.load_mnist(DATA, train=True)[0]
     images = train[np.random.default_rng(1).permutation(len(train))[:2000]]  # the file's order is not random
-    np.savez(tmp_path / 's.npz', samples=images)
-    r = subprocess.run([sys.executable, str(ROOT / 'fid.py'), str(tmp_path / 's.npz'), '--data', DATA, '--json'],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT,
-                       env=dict(os.environ, FID_CACHE=str(tmp_path)))
+    np.savez(tmp_path / 's.npz', samples=images[..., None])  # (N, H, W, 1) reads as gray
+    r = run(str(tmp_path / 's.npz'), '--data', DATA, '--json', script='fid.py',
+            env=dict(os.environ, FID_CACHE=str(tmp_path)))
     assert r.returncode == 0, r.stderr
-    import json
     report = json.loads(r.stdout)
     # real digits score near the floor: 10-16 over five random subsets of 2000 (15-22 at 1000, 4-5 at 10000)
     assert report['n'] == 2000 and report['weights'] == fid.sha256(fid.MNIST_WEIGHTS)[:12] and 0 < report['fid'] < 25
