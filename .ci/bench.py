@@ -51,7 +51,9 @@ class ReferenceScoreNet(nn.Module):
 def one(args):
     """Time `args.steps` training steps of one model after a warm-up; print one JSON line."""
     torch.manual_seed(0)
-    device = ddpm.pick_device(args.device)
+    if args.device == 'auto':
+        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device = torch.device(args.device)
     model = (ReferenceScoreNet() if args.model == 'reference'
              else ddpm.ScoreNet(depth=int(args.model.removeprefix('depth')))).to(device)  # 'depth2': ScoreNet(depth=2)
     if args.channels_last:
