@@ -569,6 +569,24 @@ def test_ctrl_c_while_sampling_is_one_line(tmp_path):
     assert not (tmp_path / 's.npz').exists()
 
 
+def test_out_of_memory_and_ctrl_c_anywhere_are_one_line(monkeypatch, tmp_path):
+    def out_of_memory(args):
+        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 90.00 GiB\nsee the docs')
+    monkeypatch.setattr(ddpm, 'generate', out_of_memory)
+    one_line = r'^error: OutOfMemoryError CUDA out of memory. Tried to allocate 90.00 GiB see the docs$'
+    with pytest.raises(SystemExit, match=one_line):
+        ddpm.main(['sample'])
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ddpm, 'load_mnist', interrupted)  # Ctrl-C while train starts up
+    with pytest.raises(SystemExit, match='^interrupted$'):
+        ddpm.main(['train', '--out', str(tmp_path)])
+    np.savez(tmp_path / 's.npz', samples=np.zeros((5, 28, 28), np.uint8))
+    monkeypatch.setattr(fid, 'fid_of', interrupted)  # and while fid.py works
+    with pytest.raises(SystemExit, match='^interrupted$'):
+        fid.main([str(tmp_path / 's.npz')])
+
+
 def test_checkpoint_survives_sigkill_during_saves(tmp_path):
     path = tmp_path / 'ckpt.pt'
     script = (f'import ddpm, torch\nstate = {{"format": ddpm.FORMAT, "config": {{}}, "ema": {{}}, '
