@@ -83,6 +83,16 @@ def gaussian(diffusion, seen=None):
     return as_model(predict, seen)
 
 
+def run_on_gaussian(d, sampler, steps, eta, seed):
+    """`sampler` on the Gaussian data's exact model: (the x it passed the model at each step, its output, a generator
+    that replays its noise after x_T, and x_T in float64), for a float64 hand-written sampler to follow."""
+    seen = []
+    gen = torch.Generator().manual_seed(seed)
+    out = ddpm.sample(gaussian(d, seen), d, (64, 1, 4, 4), sampler, steps, eta, generator=gen)
+    gen = torch.Generator().manual_seed(seed)
+    return seen, out, gen, torch.randn((64, 1, 4, 4), generator=gen).double()
+
+
 def gaussian_x0(abar, x):  # float64 E[x0 | x_t] of the Gaussian data, and the noise it implies
     v = abar * S * S + 1 - abar
     x0 = np.sqrt(abar) * S * S / v * x
@@ -216,11 +226,8 @@ def test_predict_turns_the_output_into_eps_and_x0_at_step_t(target, guidance):
 
 def test_ddpm_step_is_ho_et_als_posterior():
     d = ddpm.Diffusion(T=50, schedule='linear')
-    seen, gen = [], torch.Generator().manual_seed(1)
-    out = ddpm.sample(gaussian(d, seen), d, (64, 1, 4, 4), 'ddpm', generator=gen)
+    seen, out, gen, x = run_on_gaussian(d, 'ddpm', None, 0.0, seed=1)
     assert len(seen) == 50  # Algorithm 2: every step from T to 1
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn((64, 1, 4, 4), generator=gen).double()
     betas = np.linspace(1e-4, 0.1, 50)  # the posterior q(x_{t-1} | x_t, x0) from the betas alone (Ho et al. eq. 7)
     abar = np.concatenate([[1.0], np.cumprod(1 - betas)])
     for t in range(50, 0, -1):
@@ -236,11 +243,8 @@ def test_ddpm_step_is_ho_et_als_posterior():
 @pytest.mark.parametrize('eta', [0.0, 0.5])
 def test_ddim_steps_are_song_et_als_eq_12(eta):
     d = ddpm.Diffusion(T=200)
-    seen, gen = [], torch.Generator().manual_seed(2)
-    out = ddpm.sample(gaussian(d, seen), d, (64, 1, 4, 4), 'ddim', 10, eta=eta, generator=gen)
-    ts = ddpm.sampling_steps(d, 10)
-    gen = torch.Generator().manual_seed(2)
-    x, abar = torch.randn((64, 1, 4, 4), generator=gen).double(), d.abar.double().numpy()
+    seen, out, gen, x = run_on_gaussian(d, 'ddim', 10, eta, seed=2)
+    ts, abar = ddpm.sampling_steps(d, 10), d.abar.double().numpy()
     for i, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
         torch.testing.assert_close(seen[i].double(), x, atol=1e-4, rtol=1e-4)
         x0, eps = gaussian_x0(abar[t], x)
@@ -253,11 +257,8 @@ def test_ddim_steps_are_song_et_als_eq_12(eta):
 @pytest.mark.parametrize('eta', [0.0, 1.0])
 def test_dpmpp_2m_steps_are_lu_et_als_algorithm(eta):
     d = ddpm.Diffusion(T=200)
-    seen, gen = [], torch.Generator().manual_seed(3)
-    out = ddpm.sample(gaussian(d, seen), d, (64, 1, 4, 4), 'dpm++', 12, eta=eta, generator=gen)
-    ts = ddpm.sampling_steps(d, 12)
-    gen = torch.Generator().manual_seed(3)
-    x, abar = torch.randn((64, 1, 4, 4), generator=gen).double(), d.abar.double().numpy()
+    seen, out, gen, x = run_on_gaussian(d, 'dpm++', 12, eta, seed=3)
+    ts, abar = ddpm.sampling_steps(d, 12), d.abar.double().numpy()
     lam = lambda t: 0.5 * np.log(abar[t] / (1 - abar[t]))
     x0_prev = None
     for i, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
