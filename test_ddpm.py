@@ -38,9 +38,11 @@ def run(*args, timeout=300, env=None, script='ddpm.py'):
 
 
 def start(*args):
-    """Start ddpm.py in the background; returns the running process, its output piped."""
+    """Start ddpm.py in the background, as from a terminal: Ctrl-C (SIGINT) reaches it even when this test runs in a
+    background job, which ignores SIGINT and would pass that on; returns the running process, its output piped."""
     return subprocess.Popen([sys.executable, str(ROOT / 'ddpm.py'), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def one_line_error(r, message):
