@@ -13,7 +13,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
-from torchvision.utils import save_image
 
 try:  # file locks and peak memory, where the platform has them (not on Windows)
     import fcntl, resource
@@ -56,8 +55,8 @@ class Diffusion:
         abar = self.abar[t].view(-1, *[1] * (x0.dim() - 1))
         target = noise if self.target == 'eps' else abar.sqrt() * noise - (1 - abar).sqrt() * x0
         return F.mse_loss(model(self.q_sample(x0, t, noise), t / self.T, labels), target)
-    def predict(self, model, x, t, labels=None, guidance=0.0):
-        """(eps, x0) at step t (an int), x0 clipped to [-1, 1]; classifier-free guidance when labels are given."""
+    def predict(self, model, x, t, labels=None, guidance=0.0, clip=False):
+        """(eps, x0) at step t (an int); classifier-free guidance when labels are given; clip: x0 to [-1, 1]."""
         tt = torch.full((x.shape[0],), t / self.T, device=x.device)
         if labels is None or guidance == 0:
             out = model(x, tt, labels)
@@ -67,7 +66,8 @@ class Diffusion:
             out = (1 + guidance) * out_c - guidance * out_u  # eps or v: either is linear in the other at fixed x
         abar = self.abar[t]
         x0 = ((x - (1 - abar).sqrt() * out) / abar.sqrt() if self.target == 'eps' else
-              abar.sqrt() * x - (1 - abar).sqrt() * out).clamp(-1, 1)
+              abar.sqrt() * x - (1 - abar).sqrt() * out)
+        x0 = x0.clamp(-1, 1) if clip else x0  # off by default: clipped, x0's scatter at -1 biases it up (a haze)
         return (x - abar.sqrt() * x0) / (1 - abar).sqrt(), x0
 
 # --- the ScoreNet: a time-dependent U-Net that predicts the noise eps(x_t, t), or v -------------------------
@@ -88,16 +88,14 @@ class Block(nn.Module):
         return h
 
 class ScoreNet(nn.Module):
-    """U-Net: a full-resolution block, strided-conv downsampling, transposed-conv upsampling with skips, and
-    a last conv that also sees x_t, so that the small noise of the last steps is removed along a short path.
-    Padding keeps every size: any H, W >= 2 ** (levels - 1) works (28x28, 32x32, ...)."""
+    """U-Net: a full-size block, strided-conv down, transposed-conv up with skips, and a last conv that also sees
+    x_t (a short path for the last steps' small noise). Padding keeps sizes: any H, W >= 2 ** (levels - 1) works."""
     def __init__(self, channels=1, widths=(32, 64, 128, 256), emb_dim=256, num_classes=0, depth=2):
         super().__init__()
         self.channels, self.num_classes, self.min_size = channels, num_classes, 2 ** (len(widths) - 1)
         self.register_buffer('freqs', torch.randn(emb_dim // 2) * 30)  # Gaussian Fourier features of t
         self.embed = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU())
-        # one extra label index means "no label", for classifier-free guidance (Ho & Salimans 2022)
-        self.label_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        self.label_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None  # +1: "no label"
         ins = (channels,) + tuple(widths[:-1])
         self.down = nn.ModuleList(Block(i, o, emb_dim, 1 if k == 0 else 2, depth=depth)
                                   for k, (i, o) in enumerate(zip(ins, widths)))
@@ -137,10 +135,11 @@ def sampling_steps(diffusion, steps):
     raise ValueError(f'cannot place {steps} steps evenly in log-SNR on this schedule')
 
 @torch.inference_mode()
-def sample(model, diffusion, shape, sampler='ddpm', steps=None, eta=0.0, labels=None, guidance=0.0, generator=None):
+def sample(model, diffusion, shape, sampler='ddpm', steps=None, eta=0.0, labels=None, guidance=0.0, generator=None,
+           clip=False):
     """Images of `shape` (N, C, H, W) in [-1, 1]: 'ddpm' is Ho et al.'s Algorithm 2 on all T steps; 'ddim' (Song
     et al. 2020) and 'dpm++' (DPM-Solver++(2M), Lu et al. 2022) take `steps` steps (see sampling_steps). `eta`:
-    the noise of ddim and dpm++ (0: the ODE; 1: the SDE)."""
+    the noise of ddim and dpm++ (0: the ODE; 1: the SDE). `clip`: see Diffusion.predict."""
     d, device = diffusion, next(model.parameters()).device
     if sampler == 'ddpm':  # Algorithm 2's step, the posterior q(x_{t-1} | x_t, x0), is DDIM's with eta = 1
         sampler, steps, eta = 'ddim', d.T, 1.0
@@ -151,7 +150,7 @@ def sample(model, diffusion, shape, sampler='ddpm', steps=None, eta=0.0, labels=
     x, x0_prev = torch.randn(shape, generator=generator, device=device), None
     noise = lambda: torch.randn(shape, generator=generator, device=device)
     for i, (t, s) in enumerate(zip(ts[:-1], ts[1:])):  # from step t to step s < t
-        eps, x0 = d.predict(model, x, t, labels, guidance)
+        eps, x0 = d.predict(model, x, t, labels, guidance, clip)
         if sampler == 'ddim':  # eq. 12 of Song et al.; eta = 1: the posterior q(x_s | x_t, x0) (their eq. 16)
             sigma = eta * ((1 - d.abar[s]) / (1 - d.abar[t]) * (1 - d.abar[t] / d.abar[s])).sqrt()
             x = d.abar[s].sqrt() * x0 + (1 - d.abar[s] - sigma ** 2).sqrt() * eps + sigma * noise()
@@ -364,12 +363,12 @@ def generate(args):
         b = min(args.batch, n - start)
         chunk_labels = None if labels is None else labels[start:start + b]
         chunks.append(sample(model, diffusion, (b, *ckpt['config']['shape']), args.sampler, steps, args.eta,
-                             chunk_labels, args.guidance, gen).cpu())
+                             chunk_labels, args.guidance, gen, args.clip).cpu())
         print(f'{start + b}/{n} samples, {(start + b) / (time.time() - t0):.1f} samples/s', flush=True)
     x, seconds, nfe = torch.cat(chunks), time.time() - t0, diffusion.T if args.sampler == 'ddpm' else steps
     if args.out:
         nrow = 10 if args.digit == 'all' else math.ceil(math.sqrt(min(n, 400)))  # 'all': a column per digit
-        save_image((x[:400] + 1) / 2, args.out, nrow=nrow)
+        torchvision.utils.save_image((x[:400] + 1) / 2, args.out, nrow=nrow)
     if args.npz:
         np.savez_compressed(args.npz, samples=to_uint8(x))
     print(f'done: {n} samples in {seconds:.1f}s, {n / seconds:.1f} samples/s, {args.sampler} with {nfe} network '
@@ -427,6 +426,7 @@ def build_parser(given_only=False):
     s.add_argument('--digit', choices=[str(d) for d in range(10)] + ['all'], help='digit to draw (--cond models)')
     s.add_argument('--guidance', type=number(float, 0.0, 100.0), default=1.0, help='classifier-free guidance')
     s.add_argument('--batch', type=number(int, 1), default=500, help='samples per forward pass')
+    s.add_argument('--clip', action='store_true', help="clip x0 to [-1, 1] each step, as Ho et al.'s code (a haze)")
     for q in (t, s):
         q.add_argument('--seed', type=int, default=0, help='seed of every random choice: same seed, same result')
         q.add_argument('--device', default=best, help='cpu, cuda, cuda:1 or mps; the default is the fastest here')

@@ -206,22 +206,45 @@ def test_loss_of_an_oracle_is_zero_and_v_is_its_formula(target):
     assert abs(loss.item() - expected) < 1e-6
 
 
+@pytest.mark.parametrize('clip', [False, True])
 @pytest.mark.parametrize('guidance', [0.0, 2.5])
 @pytest.mark.parametrize('target', ['eps', 'v'])
-def test_predict_turns_the_output_into_eps_and_x0_at_step_t(target, guidance):
+def test_predict_turns_the_output_into_eps_and_x0_at_step_t(target, guidance, clip):
     torch.manual_seed(0)
     d, model = ddpm.Diffusion(T=50, target=target), ddpm.ScoreNet(widths=(8, 16), num_classes=10)
     x, y, t = torch.randn(4, 1, 8, 8) * 1.5, torch.tensor([1, 7, 7, 2]), 17
-    eps, x0 = d.predict(model, x, t, y, guidance)
+    eps, x0 = d.predict(model, x, t, y, guidance, clip)
     tt = torch.full((4,), t / 50)
     with torch.no_grad():  # float64 reference: (1 + w) out(label) - w out(no label), then x0 and eps from it
         out = ((1 + guidance) * model(x, tt, y) - guidance * model(x, tt, torch.full_like(y, 10))).double()
     a, xd = d.abar[t].double(), x.double()
     want_x0 = (xd - (1 - a).sqrt() * out) / a.sqrt() if target == 'eps' else a.sqrt() * xd - (1 - a).sqrt() * out
-    want_x0 = want_x0.clamp(-1, 1)  # predict() clips x0 to the data range and derives eps from the clipped x0
+    assert 0 < (want_x0.abs() > 1).float().mean() < 1  # the case covers pixels inside and outside [-1, 1]
+    if clip:  # x0 clipped to the data range, and eps derived from the clipped x0
+        want_x0 = want_x0.clamp(-1, 1)
     torch.testing.assert_close(x0.double(), want_x0, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(eps.double(), (xd - a.sqrt() * want_x0) / (1 - a).sqrt(), atol=1e-4, rtol=1e-4)
-    assert 0 < (want_x0.abs() == 1).float().mean() < 1  # the case covers clipped and unclipped pixels
+    if target == 'eps' and not clip:  # unclipped, an eps model's eps is its output
+        torch.testing.assert_close(eps.double(), out, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('sampler, steps', [('ddpm', None), ('ddim', 50), ('dpm++', 50)])
+def test_clipping_x0_in_every_step_lifts_a_background_at_minus_1(sampler, steps):
+    # data x0 ~ N(-1, s^2) per pixel, as MNIST's background: half its pixels lie above -1. The exact model's x0
+    # estimates scatter around -1; clipped at -1 in every step (Ho et al.'s code), the scatter becomes a bias
+    # that the sampler carries to the end: about two thirds of the pixels end above -1 (a faint haze)
+    d, m, s = ddpm.Diffusion(T=200), -1.0, 0.05
+    def predict(x, t, labels=None):
+        abar = d.abar[(t * d.T).round().long()].view(-1, 1, 1, 1)
+        x0 = m + abar.sqrt() * s * s / (abar * s * s + 1 - abar) * (x - abar.sqrt() * m)  # E[x0 | x_t]
+        return (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+    above = {}
+    for clip in (False, True):
+        x = ddpm.sample(as_model(predict), d, (256, 1, 8, 8), sampler, steps, eta=1.0,
+                        generator=torch.Generator().manual_seed(0), clip=clip)
+        above[clip] = (x > -1).float().mean().item()
+    assert abs(above[False] - 0.5) < 0.02 and above[True] > 0.6, above  # measured: 0.50 and 0.64-0.66
+
 
 # --- samplers: every step against a float64 hand-written one -----------------------------------------------
 
@@ -492,6 +515,23 @@ def test_half_precision_ema_weights_alone_sample(tmp_path):
         assert r.returncode == 0, r.stderr
     full, small = (np.load(tmp_path / f'{name}.npz')['samples'].astype(int) for name in ('ckpt', 'small'))
     assert np.abs(full - small).mean() < 0.5  # float16 weights: the same digits, up to rounding (measured 0.03)
+
+
+def test_sample_draws_what_the_library_draws_with_and_without_clip(tmp_path):
+    needs_mnist()
+    ddpm.main(['train', *TINY, '--epochs', '1', '--out', str(tmp_path)])
+    ckpt = ddpm.load_checkpoint(tmp_path / 'ckpt.pt')
+    d, model = ddpm.build(ckpt['config'], 'cpu')
+    model.load_state_dict(ckpt['ema'])
+    drawn = []
+    for flags, clip in (([], False), (['--clip'], True)):
+        ddpm.main(['sample', '--ckpt', str(tmp_path / 'ckpt.pt'), '--n', '6', '--seed', '3', '--out', '',
+                   '--npz', str(tmp_path / 's.npz'), '--device', 'cpu', *flags])
+        drawn.append(np.load(tmp_path / 's.npz')['samples'])
+        want = ddpm.sample(model, d, (6, 1, 28, 28), 'dpm++', 20, 1.0, generator=torch.Generator().manual_seed(3),
+                           clip=clip)  # the default: dpm++, 50 steps or T (20), the SDE
+        assert (drawn[-1] == ddpm.to_uint8(want)).all()
+    assert (drawn[0] != drawn[1]).any()
 
 
 def test_resume_refuses_contradicting_flags(tmp_path):
