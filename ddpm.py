@@ -124,14 +124,14 @@ class ScoreNet(nn.Module):
 def sampling_steps(diffusion, steps):
     """The steps a sampler visits, T first and 0 last: the steps nearest to m targets spaced evenly in log-SNR (short
     steps at both ends, as DPM-Solver advises); close targets share a step, so m grows until `steps` remain."""
-    T, lam = diffusion.T, diffusion.lam
+    T, lam = diffusion.T, diffusion.lam.double().numpy()
     if steps == T:
         return list(range(T, -1, -1))
     for m in range(steps, 100 * T):  # bounded: a few more targets than steps suffice for a valid schedule
-        nearest = (lam[1:, None] - torch.linspace(lam[T], lam[1], m)).abs().argmin(0) + 1  # of steps 1..T
-        ts = nearest.unique().flip(0).tolist()
+        # a target's step interpolated along log-SNR, rounded, is its nearest step (lam[:0:-1]: steps T..1, rising)
+        ts = np.unique(np.interp(np.linspace(lam[T], lam[1], m), lam[:0:-1], np.arange(T, 0, -1)).round())
         if len(ts) >= steps:
-            return ts + [0]
+            return ts[::-1].astype(int).tolist() + [0]
     raise ValueError(f'cannot place {steps} steps evenly in log-SNR on this schedule')
 
 @torch.inference_mode()
