@@ -7,6 +7,9 @@ project and use its pieces on any (N, C, H, W) images in [-1, 1]; the classes' d
 import argparse, copy, math, os, signal, sys, tempfile, time
 from pathlib import Path
 
+if __name__ == '__main__':  # Ctrl-C from here on, even while torch loads, quits in one line (training saves first)
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit('interrupted'))
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -127,8 +130,7 @@ def sampling_steps(diffusion, steps):
     T, lam = diffusion.T, diffusion.lam.double().numpy()
     if steps == T:
         return list(range(T, -1, -1))
-    for m in range(steps, 100 * T):  # bounded: a few more targets than steps suffice for a valid schedule
-        # a target's step interpolated along log-SNR, rounded, is its nearest step (lam[:0:-1]: steps T..1, rising)
+    for m in range(steps, 100 * T):  # a target's nearest step: its step interpolated along log-SNR, rounded
         ts = np.unique(np.interp(np.linspace(lam[T], lam[1], m), lam[:0:-1], np.arange(T, 0, -1)).round())
         if len(ts) >= steps:
             return ts[::-1].astype(int).tolist() + [0]
@@ -441,8 +443,6 @@ def main(argv=None):
             train(args, given=set(vars(build_parser(given_only=True).parse_args(argv))))
         else:
             generate(args)
-    except KeyboardInterrupt:  # before training's own handler is set, or while sampling: nothing half-written
-        sys.exit('interrupted')
     except Exception as e:  # bad input, a missing or damaged file, a full disk, out of memory: one line
         sys.exit(f'error: {brief(e)}')
 

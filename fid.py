@@ -15,9 +15,13 @@ import hashlib
 import importlib.util
 import json
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
+
+if __name__ == '__main__':  # Ctrl-C from here on, even while torch loads, quits in one line
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit('interrupted'))
 
 import numpy as np
 import torch
@@ -274,8 +278,6 @@ def main(argv=None):
             images = load_samples(args.target, args.n)
         extractor = Extractor(args.features, args.inception)
         fid = fid_of(images, extractor, args.data)
-    except KeyboardInterrupt:
-        sys.exit('interrupted')
     except Exception as e:  # bad input, missing or damaged files, out of memory: one line
         sys.exit(f'error: {brief(e)}')
     what = 'real training digits' if args.target == 'floor' else args.target
