@@ -353,8 +353,7 @@ def steps_taken(d, steps):
 
 @pytest.mark.parametrize('T,schedule,steps', [(200, 'cosine', 50), (200, 'cosine', 20), (200, 'linear', 50),
                                               (1000, 'linear', 30), (1000, 'cosine', 500), (20, 'cosine', 19),
-                                              (20, 'cosine', 20),
-                                              (20, 'cosine', 1)])
+                                              (20, 'cosine', 20), (20, 'cosine', 1)])
 def test_steps_are_the_nearest_to_even_log_snr_targets(T, schedule, steps):
     d = ddpm.Diffusion(T, schedule)
     got = steps_taken(d, steps)
