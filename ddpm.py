@@ -148,9 +148,8 @@ def sample(model, diffusion, shape, sampler='ddpm', steps=None, eta=0.0, labels=
     steps = d.T if steps is None else steps
     if sampler not in ('ddim', 'dpm++') or not 1 <= steps <= d.T:
         raise ValueError(f'sampler {sampler} with {steps} steps: use ddpm, ddim or dpm++, and steps in 1..{d.T}')
-    ts, lam = sampling_steps(d, steps), d.lam
-    x, x0_prev = torch.randn(shape, generator=generator, device=device), None
     noise = lambda: torch.randn(shape, generator=generator, device=device)
+    ts, lam, x, x0_prev = sampling_steps(d, steps), d.lam, noise(), None
     for i, (t, s) in enumerate(zip(ts[:-1], ts[1:])):  # from step t to step s < t
         eps, x0 = d.predict(model, x, t, labels, guidance, clip)
         if sampler == 'ddim':  # eq. 12 of Song et al.; eta = 1: the posterior q(x_s | x_t, x0) (their eq. 16)
@@ -186,6 +185,7 @@ def to_uint8(x):  # [-1, 1] floats (N, C, H, W) to uint8 arrays (N, H, W), or (N
 FORMAT, LEGACY = 'ddpm.py checkpoint v1', {'depth': 1, 'target': 'eps'}  # LEGACY: older checkpoints' implied keys
 MODEL = ('widths', 'depth', 'cond', 'T', 'schedule', 'beta_start', 'beta_end', 'target')  # fixed by one
 RESUMED = (*MODEL, 'epochs', 'minutes', 'batch', 'lr', 'ema', 'limit', 'seed')
+RESUMABLE = ('config', 'ema', 'model', 'optimizer', 'step', 'rng')  # the parts of a checkpoint that train wrote
 
 def save_checkpoint(path, state):  # a temporary file, fsync, rename: a crash leaves the old or the new file
     tmp = Path(f'{path}.tmp')
@@ -198,7 +198,7 @@ def save_checkpoint(path, state):  # a temporary file, fsync, rename: a crash le
     finally:  # a failed write (a full disk) leaves no half file behind
         tmp.unlink(missing_ok=True)
 
-def load_checkpoint(path):  # weights_only refuses pickles that would run code
+def load_checkpoint(path, parts=('config', 'ema')):  # weights_only refuses pickles that would run code
     if not Path(path).is_file():
         raise DDPMError(f'checkpoint {path} not found (train one with: python ddpm.py train)')
     try:
@@ -207,8 +207,8 @@ def load_checkpoint(path):  # weights_only refuses pickles that would run code
         raise DDPMError(f'{path} is not a readable ddpm.py checkpoint: {brief(e)}')
     if not isinstance(ckpt, dict) or ckpt.get('format') != FORMAT:
         raise DDPMError(f'{path} is not a ddpm.py checkpoint')
-    if not {'config', 'ema'} <= ckpt.keys():
-        raise DDPMError(f'{path} is incomplete: it lacks {sorted({"config", "ema"} - ckpt.keys())}')
+    if not set(parts) <= ckpt.keys():  # sample needs the config and the EMA; train --resume, all of RESUMABLE
+        raise DDPMError(f'{path} is incomplete: it lacks {sorted(set(parts) - ckpt.keys())}')
     return ckpt | {part: LEGACY | ckpt[part] for part in ('args', 'config') if part in ckpt}
 
 def build(c, device):  # the diffusion and the model that a checkpoint's config `c` describes
@@ -246,7 +246,7 @@ def open_run(out, resume):  # OUT/log.csv to append to, locked while this proces
     return log_file
 
 def train(args, given=()):  # given: the flags typed; with --resume, those left out take the checkpoint's values
-    device, ckpt = torch.device(args.device), load_checkpoint(args.resume) if args.resume else None
+    device, ckpt = torch.device(args.device), load_checkpoint(args.resume, RESUMABLE) if args.resume else None
     out = Path(args.out or (Path(args.resume).parent if args.resume else 'runs/mnist'))
     ckpt_path = out / 'ckpt.pt'
     for k in RESUMED if ckpt else ():

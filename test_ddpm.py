@@ -816,13 +816,16 @@ def test_damaged_checkpoints_give_one_line_errors(tmp_path, capsys):
     ckpt = torch.load(tmp_path / 'a' / 'ckpt.pt', weights_only=True)
     del ckpt['optimizer']
     torch.save(ckpt, tmp_path / 'no_optimizer.pt')
+    torch.save({part: ckpt[part] for part in ('format', 'config', 'ema')}, tmp_path / 'ema_only.pt')  # as assets/
     ckpt = torch.load(tmp_path / 'a' / 'ckpt.pt', weights_only=True)
     ckpt['config']['schedule'], ckpt['config']['T'], ckpt['config']['beta_end'] = 'linear', 200, 0.999
     torch.save(ckpt, tmp_path / 'schedule.pt')  # a checkpoint of a schedule that would hang the step search
     exits_with_one_line(capsys, ddpm.main, ['sample', '--ckpt', str(tmp_path / 'shapes.pt'), '--device', 'cpu'],
                         'size mismatch for out.weight')
     exits_with_one_line(capsys, ddpm.main, ['train', '--data', DATA, '--epochs', '2', '--resume',
-                                            str(tmp_path / 'no_optimizer.pt')], "KeyError 'optimizer'")
+                                            str(tmp_path / 'no_optimizer.pt')], "it lacks ['optimizer']")
+    exits_with_one_line(capsys, ddpm.main, ['train', '--data', DATA, '--resume', str(tmp_path / 'ema_only.pt')],
+                        "it lacks ['model', 'optimizer', 'rng', 'step']")  # weights for sampling only
     exits_with_one_line(capsys, ddpm.main, ['train', *TINY, '--T', '200', '--schedule', 'linear', '--beta-end', '0.999',
                                             '--out', str(tmp_path / 'b')], 'abar must fall step by step')
     # this one hung in the log-SNR step search: in a process of its own, with a timeout
