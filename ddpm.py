@@ -185,7 +185,7 @@ def to_uint8(x):  # [-1, 1] floats (N, C, H, W) to uint8 arrays (N, H, W), or (N
 FORMAT, LEGACY = 'ddpm.py checkpoint v1', {'depth': 1, 'target': 'eps'}  # LEGACY: older checkpoints' implied keys
 MODEL = ('widths', 'depth', 'cond', 'T', 'schedule', 'beta_start', 'beta_end', 'target')  # fixed by one
 RESUMED = (*MODEL, 'epochs', 'minutes', 'batch', 'lr', 'ema', 'limit', 'seed')
-RESUMABLE = ('config', 'ema', 'model', 'optimizer', 'step', 'rng')  # the parts of a checkpoint that train wrote
+RESUME_PARTS = ('config', 'ema', 'model', 'optimizer', 'step', 'rng')  # what train --resume reads from a checkpoint
 
 def save_checkpoint(path, state):  # a temporary file, fsync, rename: a crash leaves the old or the new file
     tmp = Path(f'{path}.tmp')
@@ -207,7 +207,7 @@ def load_checkpoint(path, parts=('config', 'ema')):  # weights_only refuses pick
         raise DDPMError(f'{path} is not a readable ddpm.py checkpoint: {brief(e)}')
     if not isinstance(ckpt, dict) or ckpt.get('format') != FORMAT:
         raise DDPMError(f'{path} is not a ddpm.py checkpoint')
-    if not set(parts) <= ckpt.keys():  # sample needs the config and the EMA; train --resume, all of RESUMABLE
+    if not set(parts) <= ckpt.keys():  # sample needs the config and the EMA; train --resume, all of RESUME_PARTS
         raise DDPMError(f'{path} is incomplete: it lacks {sorted(set(parts) - ckpt.keys())}')
     return ckpt | {part: LEGACY | ckpt[part] for part in ('args', 'config') if part in ckpt}
 
@@ -246,7 +246,7 @@ def open_run(out, resume):  # OUT/log.csv to append to, locked while this proces
     return log_file
 
 def train(args, given=()):  # given: the flags typed; with --resume, those left out take the checkpoint's values
-    device, ckpt = torch.device(args.device), load_checkpoint(args.resume, RESUMABLE) if args.resume else None
+    device, ckpt = torch.device(args.device), load_checkpoint(args.resume, RESUME_PARTS) if args.resume else None
     out = Path(args.out or (Path(args.resume).parent if args.resume else 'runs/mnist'))
     ckpt_path = out / 'ckpt.pt'
     for k in RESUMED if ckpt else ():
