@@ -50,14 +50,14 @@ class Diffusion:
         """x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), for a batch of steps t."""
         abar = self.abar[t].view(-1, *[1] * (x0.dim() - 1))
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-    def loss(self, model, x0, labels=None, t=None, noise=None):
-        """Mean squared error of the model's output against the noise eps, or against v = sqrt(abar) eps -
-        sqrt(1 - abar) x0 (Salimans & Ho 2022) for target 'v', at steps t uniform over 1..T unless given."""
+    def loss(self, model, x0, labels=None, t=None, noise=None, weight_max=5.0):
+        """Mean squared error against the noise eps (weighted) or v (Salimans & Ho 2022), t uniform unless given."""
         t = torch.randint(1, self.T + 1, (x0.shape[0],), device=x0.device) if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
         abar = self.abar[t].view(-1, *[1] * (x0.dim() - 1))
         target = noise if self.target == 'eps' else abar.sqrt() * noise - (1 - abar).sqrt() * x0
-        return F.mse_loss(model(self.q_sample(x0, t, noise), t / self.T, labels), target)
+        weight = (1 / abar).clamp(max=weight_max) if self.target == 'eps' else 1.0  # v's on eps, capped near t=T
+        return (weight * (model(self.q_sample(x0, t, noise), t / self.T, labels) - target) ** 2).mean()
     def predict(self, model, x, t, labels=None, guidance=0.0, clip=False):
         """(eps, x0) at step t (an int); classifier-free guidance when labels are given; clip: x0 to [-1, 1]."""
         tt = torch.full((x.shape[0],), t / self.T, device=x.device)
@@ -182,9 +182,9 @@ def to_uint8(x):  # [-1, 1] floats (N, C, H, W) to uint8 arrays (N, H, W), or (N
     return x[..., 0] if x.shape[-1] == 1 else x
 
 # --- checkpoints: one file with everything needed to sample or to resume exactly ----------------------------
-FORMAT, LEGACY = 'ddpm.py checkpoint v1', {'depth': 1, 'target': 'eps'}  # LEGACY: older checkpoints' implied keys
+FORMAT, LEGACY = 'ddpm.py checkpoint v1', {'depth': 1, 'target': 'eps', 'weight_max': 1.0}  # older files' implied
 MODEL = ('widths', 'depth', 'cond', 'T', 'schedule', 'beta_start', 'beta_end', 'target')  # fixed by one
-RESUMED = (*MODEL, 'epochs', 'minutes', 'batch', 'lr', 'ema', 'limit', 'seed')
+RESUMED = (*MODEL, 'epochs', 'minutes', 'batch', 'lr', 'ema', 'weight_max', 'limit', 'seed')
 RESUME_PARTS = ('config', 'ema', 'model', 'optimizer', 'step', 'rng')  # what train --resume reads from a checkpoint
 
 def save_checkpoint(path, state):  # a temporary file, fsync, rename: a crash leaves the old or the new file
@@ -302,10 +302,9 @@ def train(args, given=()):  # given: the flags typed; with --resume, those left 
             x0, y = images[idx], None
             if args.cond:  # a tenth of the labels drop to "no label" (10): one model, both modes (Ho & Salimans)
                 y = torch.where(torch.rand(batch, device=device) < 0.1, 10, labels[idx])
-            t, noise = torch.randint(1, diffusion.T + 1, (batch,), device=device), torch.randn_like(x0)
             for group in opt.param_groups:
                 group['lr'] = learning_rate(step, total, args.lr)
-            loss = diffusion.loss(model, x0, y, t, noise)
+            loss = diffusion.loss(model, x0, y, weight_max=args.weight_max)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -410,6 +409,7 @@ def build_parser(given_only=False):
     t.add_argument('--T', type=number(int, 1, 10000), default=200, help='diffusion steps')
     t.add_argument('--schedule', choices=('linear', 'cosine'), default='cosine', help='noise schedule')
     t.add_argument('--target', choices=('eps', 'v'), default='eps', help='what the network predicts')
+    t.add_argument('--weight-max', type=number(float, 1.0), default=5.0, help='eps loss: t weighs min(1/abar_t, this)')
     t.add_argument('--beta-start', type=number(float, 1e-8, 0.999), default=1e-4, help='linear schedule: first beta')
     t.add_argument('--beta-end', type=number(float, 1e-8, 0.999), default=0.1, help='linear schedule: last beta')
     t.add_argument('--widths', type=widths, default=(32, 64, 128, 256), help='channels per U-Net level')

@@ -1,5 +1,6 @@
 """Tests for ddpm.py and fid.py. Run: python -m pytest -q (MNIST from $DDPM_DATA or ../shared/data)."""
 import json
+import math
 import os
 import pickle
 import signal
@@ -205,6 +206,20 @@ def test_loss_of_an_oracle_is_zero_and_v_is_its_formula(target):
     v = abar.sqrt() * noise.double() - (1 - abar).sqrt() * x0.double()
     expected = 0.0 if target == 'eps' else ((noise.double() - v) ** 2).mean().item()
     assert abs(loss.item() - expected) < 1e-6
+
+
+@pytest.mark.parametrize('weight_max', [1.0, 5.0, math.inf])
+def test_eps_loss_weighs_step_t_by_one_over_abar_up_to_weight_max(weight_max):
+    d, x0 = ddpm.Diffusion(T=50), torch.rand(64, 1, 4, 4) * 2 - 1
+    t, noise = torch.arange(1, 51).repeat(2)[:64], torch.randn_like(x0)  # every step: 1/abar from 1.002 to 1e6
+    out = torch.randn_like(x0)
+    loss = d.loss(lambda x, tt, labels: out, x0, t=t, noise=noise, weight_max=weight_max)
+    abar = d.abar.double()[t].view(-1, 1, 1, 1)  # the reference in float64
+    weight = (1 / abar).clamp(max=weight_max)
+    expected = (weight * (out.double() - noise.double()) ** 2).mean().item()
+    assert abs(loss.item() - expected) < 1e-5 * expected
+    if weight_max == 1.0:  # the plain mean of Ho et al.
+        assert abs(loss.item() - torch.nn.functional.mse_loss(out, noise).item()) < 1e-6
 
 
 @pytest.mark.parametrize('clip', [False, True])
@@ -550,16 +565,18 @@ def test_resuming_a_finished_run_says_so_and_writes_nothing(tmp_path):
     assert not (tmp_path / 'b' / 'ckpt.pt').exists()
 
 
-def test_checkpoint_from_before_depth_and_target_resumes_and_samples_as_depth_1_eps(tmp_path):
+def test_checkpoint_from_before_depth_target_and_weight_max_resumes_as_depth_1_plain_eps(tmp_path):
     needs_mnist()
-    ddpm.main(['train', *TINY, '--depth', '1', '--epochs', '1', '--out', str(tmp_path / 'a')])
+    ddpm.main(['train', *TINY, '--depth', '1', '--weight-max', '1', '--epochs', '1', '--out', str(tmp_path / 'a')])
     ckpt = torch.load(tmp_path / 'a' / 'ckpt.pt', weights_only=True)
     for part in ('args', 'config'):  # as written before the flags existed
         del ckpt[part]['depth'], ckpt[part]['target']
+    del ckpt['args']['weight_max']
     torch.save(ckpt, tmp_path / 'old.pt')
     ddpm.main(['train', *TINY, '--epochs', '2', '--resume', str(tmp_path / 'old.pt'), '--out', str(tmp_path / 'b')])
     resumed = ddpm.load_checkpoint(tmp_path / 'b' / 'ckpt.pt')
     assert resumed['step'] == 8 and resumed['config']['depth'] == 1 and resumed['config']['target'] == 'eps'
+    assert resumed['args']['weight_max'] == 1.0  # the plain loss it was trained with, not today's default
     r = run('sample', '--ckpt', str(tmp_path / 'old.pt'), '--n', '2', '--out', str(tmp_path / 'g.png'))
     assert r.returncode == 0, r.stderr
 
