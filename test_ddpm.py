@@ -734,9 +734,9 @@ def test_label_dropout_happens_at_a_tenth(tmp_path, monkeypatch):
     needs_mnist()
     seen, loss = [], ddpm.Diffusion.loss
 
-    def record(self, m, x, y=None, *a):  # remember the labels of each batch, then compute the real loss
+    def record(self, m, x, y=None, *a, **kw):  # remember the labels of each batch, then compute the real loss
         seen.append(y)
-        return loss(self, m, x, y, *a)
+        return loss(self, m, x, y, *a, **kw)
     monkeypatch.setattr(ddpm.Diffusion, 'loss', record)
     ddpm.main(['train', *TINY[:3], '2000', *TINY[4:], '--cond', '--epochs', '1', '--out', str(tmp_path)])
     labels = torch.cat(seen)
