@@ -56,7 +56,7 @@ class Diffusion:
         noise = torch.randn_like(x0) if noise is None else noise
         abar = self.abar[t].view(-1, *[1] * (x0.dim() - 1))
         target = noise if self.target == 'eps' else abar.sqrt() * noise - (1 - abar).sqrt() * x0
-        weight = (1 / abar).clamp(max=weight_max) if self.target == 'eps' else 1.0  # v's on eps, capped near t=T
+        weight = (1 / abar).clamp(max=weight_max) if self.target == 'eps' else 1.0  # as the v loss, capped near T
         return (weight * (model(self.q_sample(x0, t, noise), t / self.T, labels) - target) ** 2).mean()
     def predict(self, model, x, t, labels=None, guidance=0.0, clip=False):
         """(eps, x0) at step t (an int); classifier-free guidance when labels are given; clip: x0 to [-1, 1]."""
