@@ -184,7 +184,7 @@ def to_uint8(x):  # [-1, 1] floats (N, C, H, W) to uint8 arrays (N, H, W), or (N
 # --- checkpoints: one file with everything needed to sample or to resume exactly ----------------------------
 FORMAT, LEGACY = 'ddpm.py checkpoint v1', {'depth': 1, 'target': 'eps', 'weight_max': 1.0}  # older files' implied
 MODEL = ('widths', 'depth', 'cond', 'T', 'schedule', 'beta_start', 'beta_end', 'target')  # fixed by one
-RESUMED = (*MODEL, 'epochs', 'minutes', 'batch', 'lr', 'ema', 'weight_max', 'limit', 'seed')
+RESUMED = (*MODEL, 'epochs', 'minutes', 'batch', 'lr', 'ema', 'weight_max', 'limit', 'seed', 'data')
 RESUME_PARTS = ('config', 'ema', 'model', 'optimizer', 'step', 'rng')  # what train --resume reads from a checkpoint
 
 def save_checkpoint(path, state):  # a temporary file, fsync, rename: a crash leaves the old or the new file

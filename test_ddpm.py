@@ -503,10 +503,11 @@ def test_resume_from_the_middle_of_an_epoch_is_bitwise_exact(tmp_path, monkeypat
         assert torch.equal(value, b['optimizer']['state'][0][name]), name
 
 
-def test_resume_takes_left_out_flags_from_the_checkpoint_and_typed_ones_from_the_user(tmp_path):
+def test_resume_takes_left_out_flags_from_the_checkpoint_and_typed_ones_from_the_user(tmp_path, monkeypatch):
     needs_mnist()
     ddpm.main(['train', *TINY, '--epochs', '1', '--lr', '1e-3', '--out', str(tmp_path)])
-    ddpm.main(['train', '--data', DATA, '--resume', str(tmp_path / 'ckpt.pt'), '--epochs', '2'])
+    monkeypatch.setenv('DDPM_DATA', str(tmp_path / 'no-mnist-here'))  # the run's --data, not today's default
+    ddpm.main(['train', '--resume', str(tmp_path / 'ckpt.pt'), '--epochs', '2'])
     ckpt = ddpm.load_checkpoint(tmp_path / 'ckpt.pt')  # not the defaults' batch 32 at lr 3e-3, T=200
     assert ckpt['step'] == 8 and ckpt['args']['lr'] == 1e-3 and ckpt['args']['batch'] == 50
     assert ckpt['config']['T'] == 20 and ckpt['config']['widths'] == (8, 16)
