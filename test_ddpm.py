@@ -517,7 +517,7 @@ def test_resume_takes_left_out_flags_from_the_checkpoint_and_typed_ones_from_the
 
 
 def test_half_precision_ema_weights_alone_sample(tmp_path):
-    # what assets/mnist.pt is to be: the EMA weights in float16 (buffers, such as the Fourier frequencies, in
+    # the form of assets/mnist.pt: the EMA weights in float16 (buffers, such as the Fourier frequencies, in
     # float32) and the config, no optimizer; sample needs nothing else
     needs_mnist()
     ddpm.main(['train', *TINY, '--epochs', '1', '--out', str(tmp_path)])
