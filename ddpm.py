@@ -223,7 +223,7 @@ FORMAT = 'ddpm.py checkpoint v1'
 MODEL_FLAGS = ('widths', 'depth', 'cond', 'T', 'schedule', 'beta_start', 'beta_end', 'target')
 RUN_FLAGS = (*MODEL_FLAGS, 'data', 'epochs', 'minutes', 'batch', 'lr', 'ema', 'weight_max', 'limit',
              'seed')  # train --resume takes these from the run unless typed
-RESUME_PARTS = ('config', 'args', 'ema', 'model', 'optimizer', 'step', 'rng')  # and it needs these
+RESUME_PARTS = ('config', 'args', 'ema', 'model', 'optimizer', 'step', 'rng')  # what it must hold
 def load_checkpoint(path, parts=('config', 'ema')):
     """The checkpoint at `path`, which must hold `parts`; weights_only refuses code in pickles."""
     if not Path(path).is_file():
@@ -291,7 +291,7 @@ def catch_stop_signals(stop):
         if stop:
             os._exit(130)
         stop.append(signal.Signals(signum).name)
-        say(f'\n{stop[0]}: finishing this step, then saving (again: quit at once)', sys.stderr)
+        say(f'\n{stop[0]}: finishing this step, then saving (Ctrl-C again quits now)', sys.stderr)
     return {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM)}
 
 def train(args, ckpt=None):
@@ -370,18 +370,18 @@ def train(args, ckpt=None):
             # loss, lr, seconds); only here is the loss read, as that waits for the device. Save.
             saving = step == total or step % steps_per_epoch == 0
             if saving or time.time() - last_log >= 5:
-                now, loss = time.time(), torch.stack(losses).mean().item()
+                now, mean_loss = time.time(), torch.stack(losses).mean().item()
                 lr, epoch = learning_rate(step, total, args.lr), step / steps_per_epoch
                 rate, spent = len(losses) * batch / max(now - last_log, 1e-3), (now - t0) / 60
-                print(f'{step},{epoch:.3f},{loss:.5f},{lr:.3e},{now - t0:.1f}', file=log_file,
+                print(f'{step},{epoch:.3f},{mean_loss:.5f},{lr:.3e},{now - t0:.1f}', file=log_file,
                       flush=True)
-                say(f'epoch {math.ceil(epoch)} step {step}/{total} loss {loss:.4f} lr {lr:.2e} '
-                    f'{rate:.0f} img/s {spent:.1f}m eta {(total - step) * batch / rate / 60:.1f}m')
+                say(f'epoch {math.ceil(epoch)} step {step}/{total} loss {mean_loss:.4f} lr {lr:.2e}'
+                    f' {rate:.0f} img/s {spent:.1f}m eta {(total - step) * batch / rate / 60:.1f}m')
                 last_log, losses = now, []
-                if not math.isfinite(loss):
+                if not math.isfinite(mean_loss):
                     kept = f'{ckpt_path} is kept' if ckpt_path.exists() else 'none was saved'
-                    raise DDPMError(f'loss became {loss} by step {step}; try a lower --lr than '
-                                    f'{args.lr} ({kept})')
+                    raise DDPMError(f'loss became {mean_loss} by step {step}; try a lower --lr '
+                                    f'than {args.lr} ({kept})')
             if saving:  # sample from OUT/ckpt.pt meanwhile to see how the run does
                 save()
     finally:
