@@ -302,19 +302,17 @@ def train(args, ckpt=None):
     # The data, the model, its EMA and the optimizer; a checkpoint's step, seconds and RNG state.
     torch.manual_seed(args.seed)
     images, labels = (tensor.to(device) for tensor in load_mnist(args.data, limit=args.limit))
-    config = {name: getattr(args, name) for name in MODEL_FLAGS}
-    config['shape'] = tuple(images.shape[1:])
+    config = {k: getattr(args, k) for k in MODEL_FLAGS} | {'shape': tuple(images.shape[1:])}
     diffusion, model = build(config, device, weights=ckpt['model'] if ckpt else None)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     batch = min(args.batch, len(images))
     steps_per_epoch = len(images) // batch
     total = max_steps = args.epochs * steps_per_epoch  # --minutes re-plans total at every step
-    step, seconds_before = 0, 0.0
+    step, seconds_before = (ckpt['step'], ckpt.get('seconds', 0.0)) if ckpt else (0, 0.0)
     if ckpt:
         ema.load_state_dict(ckpt['ema'])
         opt.load_state_dict(ckpt['optimizer'])
-        step, seconds_before = ckpt['step'], ckpt.get('seconds', 0.0)
         torch.set_rng_state(ckpt['rng'][0])
         torch.cuda.set_rng_state_all(ckpt['rng'][1:])  # no-op without CUDA
         if args.minutes and seconds_before >= 60 * args.minutes:
@@ -324,7 +322,6 @@ def train(args, ckpt=None):
         say(f'resumed {args.resume} at step {step} (epoch {step / steps_per_epoch:.2f})')
     log_file = open_run(out, args.resume)
     t0 = last_log = time.time()
-
     def save():
         state = {'format': FORMAT, 'config': config, 'model': model.state_dict(),
                  'ema': ema.state_dict(), 'optimizer': opt.state_dict(), 'step': step,
@@ -332,7 +329,6 @@ def train(args, ckpt=None):
                  'args': vars(args) | {'data': os.path.abspath(args.data)},
                  'rng': [torch.get_rng_state(), *torch.cuda.get_rng_state_all()]}
         write_atomic(ckpt_path, lambda f: torch.save(state, f))
-
     millions = sum(p.numel() for p in model.parameters()) / 1e6
     say(f'training {millions:.2f}M parameters on {len(images)} images: {total} steps of {batch} on '
         f'{device}' + (f', at most {args.minutes:g} minutes' if args.minutes else ''))
@@ -520,10 +516,14 @@ def main(argv=None):
             return sample_command(args)
         ckpt = load_checkpoint(args.resume, RESUME_PARTS) if args.resume else None
         if ckpt:  # flags left out take the run's values; typed ones must agree with its model
-            missing = set(RUN_FLAGS) - ckpt['args'].keys()
-            if missing:
-                raise DDPMError(f'{args.resume}: from an older ddpm.py, without {sorted(missing)}')
-            train_parser.set_defaults(**{name: ckpt['args'][name] for name in RUN_FLAGS})
+            saved = {}
+            for name in RUN_FLAGS:  # in text, which argparse checks as it checks typed flags
+                if name not in ckpt['args']:
+                    raise DDPMError(f'{args.resume}: from an older ddpm.py, without {name}')
+                value = ckpt['args'][name]
+                text = ','.join(map(str, value)) if isinstance(value, tuple) else str(value)
+                saved[name] = value if value is None or isinstance(value, bool) else text
+            train_parser.set_defaults(**saved)
             args = parser.parse_args(argv)
             for name in MODEL_FLAGS:
                 typed, saved = getattr(args, name), ckpt['args'][name]

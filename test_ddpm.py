@@ -723,7 +723,7 @@ def test_checkpoint_from_an_older_ddpm_py_is_refused_with_what_it_lacks(tmp_path
     torch.save(ckpt, tmp_path / 'old.pt')
     r = run('train', '--data', DATA, '--epochs', '2', '--resume', str(tmp_path / 'old.pt'),
             '--out', str(tmp_path / 'b'))
-    one_line_error(r, "from an older ddpm.py, without ['weight_max']")
+    one_line_error(r, 'from an older ddpm.py, without weight_max')
     assert not (tmp_path / 'b').exists()
 
 
@@ -1114,6 +1114,22 @@ def test_a_checkpoints_data_folder_is_never_created(tmp_path, capsys):
     assert not (tmp_path / 'else').exists()
     ddpm.main(['train', '--resume', str(path), '--data', DATA])  # as the message says
     assert ddpm.load_checkpoint(path)['step'] == 8
+
+
+@slow
+def test_a_checkpoints_flags_pass_the_command_lines_checks(tmp_path, capsys):
+    # a stranger's limit of -5 trained on all but five digits, without a word
+    needs_mnist()
+    path = tiny_run(tmp_path)
+    for name, value, message in [('limit', -5, 'argument --limit: -5 is out of range'),
+                                 ('minutes', math.inf, 'argument --minutes: inf is out of range'),
+                                 ('lr', 1e9, 'argument --lr: 1000000000.0 is out of range'),
+                                 ('widths', (8, 50_000), 'argument --widths: 50000 is out of range')]:
+        ckpt = torch.load(path, weights_only=True)
+        ckpt['args'][name] = value
+        torch.save(ckpt, tmp_path / 'hostile.pt')
+        exits_with_one_line(capsys, ddpm.main, ['train', '--resume', str(tmp_path / 'hostile.pt'),
+                                                '--epochs', '2'], message)
 
 
 @slow
