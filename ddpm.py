@@ -42,16 +42,16 @@ class Diffusion:
             raise ValueError(f'{schedule} schedule, T={T}: abar must fall step by step '
                              'from 1 to above 0 in float32')
     def abar_of(self, t, x):
-        """abar at steps t (N,), shaped to scale a batch x, on x's device."""
-        return self.abar.to(x.device)[t].view(-1, *[1] * (x.dim() - 1))
+        """abar at steps t (N,), shaped to scale a batch x. The table moves to x's device, once."""
+        self.abar = self.abar.to(x.device)
+        return self.abar[t].view(-1, *[1] * (x.dim() - 1))
     def q_sample(self, x0, t, noise):
         """x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), for a batch of steps t."""
         abar = self.abar_of(t, x0)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
     def loss(self, model, x0, labels=None, *, t=None, noise=None, weight_max=5.0):
-        """The loss of a batch x0 (t uniform in 1..T, the noise normal). Target eps: the squared
-        error weighted by min(1 / abar_t, weight_max), the v loss's weight on eps's error, capped
-        near T. Target v: the error of v = sqrt(abar) eps - sqrt(1 - abar) x0."""
+        """The loss of a batch x0 (t uniform, noise normal): eps's squared error weighted by
+        min(1 / abar_t, weight_max), the v loss's weight capped near T; or v's plain error."""
         t = torch.randint(1, self.T + 1, (len(x0),), device=x0.device) if t is None else t
         noise = torch.randn_like(x0) if noise is None else noise
         abar = self.abar_of(t, x0)
@@ -516,14 +516,14 @@ def main(argv=None):
             return sample_command(args)
         ckpt = load_checkpoint(args.resume, RESUME_PARTS) if args.resume else None
         if ckpt:  # flags left out take the run's values; typed ones must agree with its model
-            saved = {}
+            defaults = {}
             for name in RUN_FLAGS:  # in text, which argparse checks as it checks typed flags
                 if name not in ckpt['args']:
                     raise DDPMError(f'{args.resume}: from an older ddpm.py, without {name}')
                 value = ckpt['args'][name]
                 text = ','.join(map(str, value)) if isinstance(value, tuple) else str(value)
-                saved[name] = value if value is None or isinstance(value, bool) else text
-            train_parser.set_defaults(**saved)
+                defaults[name] = value if value is None or isinstance(value, bool) else text
+            train_parser.set_defaults(**defaults)
             args = parser.parse_args(argv)
             for name in MODEL_FLAGS:
                 typed, saved = getattr(args, name), ckpt['args'][name]

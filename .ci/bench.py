@@ -59,7 +59,7 @@ def one(args):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if args.compile else model
-    diffusion, opt = ddpm.Diffusion(device=device), torch.optim.Adam(model.parameters(), lr=1e-3)
+    diffusion, opt = ddpm.Diffusion(), torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.rand(args.batch, 1, 28, 28, device=device) * 2 - 1
     if args.channels_last:
         x = x.to(memory_format=torch.channels_last)
