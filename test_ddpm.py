@@ -240,6 +240,18 @@ def test_loss_of_an_oracle_is_zero_and_v_is_its_formula(target):
     assert abs(loss.item() - expected) < 1e-6
 
 
+def test_diffusion_follows_the_device_of_its_images():
+    # README's snippet on a GPU failed in loss(): a CPU table indexed by CUDA steps. The meta device
+    # stands in for a GPU here: on 7be74a0 this fails with "Tensor on device meta is not on the
+    # expected device cpu"
+    d = ddpm.Diffusion(T=20)
+    with torch.device('meta'):
+        model = ddpm.ScoreNet(widths=(8, 16))
+        x0 = torch.zeros(4, 1, 8, 8)
+    assert d.loss(model, x0).device.type == 'meta'
+    assert d.abar.device.type == 'meta'  # moved once, kept: no copy at every step
+
+
 @pytest.mark.parametrize('weight_max', [1.0, 5.0, math.inf])
 def test_eps_loss_weighs_step_t_by_one_over_abar_up_to_weight_max(weight_max):
     d, x0 = ddpm.Diffusion(T=50), torch.rand(64, 1, 4, 4) * 2 - 1
