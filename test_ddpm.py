@@ -1133,10 +1133,11 @@ def test_a_checkpoints_flags_pass_the_command_lines_checks(tmp_path, capsys):
     # a stranger's limit of -5 trained on all but five digits, without a word
     needs_mnist()
     path = tiny_run(tmp_path)
-    for name, value, message in [('limit', -5, 'argument --limit: -5 is out of range'),
-                                 ('minutes', math.inf, 'argument --minutes: inf is out of range'),
-                                 ('lr', 1e9, 'argument --lr: 1000000000.0 is out of range'),
-                                 ('widths', (8, 50_000), 'argument --widths: 50000 is out of range')]:
+    cases = [('limit', -5, 'argument --limit: -5 is out of range'),
+             ('minutes', math.inf, 'argument --minutes: inf is out of range'),
+             ('lr', 1e9, 'argument --lr: 1000000000.0 is out of range'),
+             ('widths', (8, 50_000), 'argument --widths: 50000 is out of range')]
+    for name, value, message in cases:
         ckpt = torch.load(path, weights_only=True)
         ckpt['args'][name] = value
         torch.save(ckpt, tmp_path / 'hostile.pt')
