@@ -276,8 +276,8 @@ def open_run(out, resume):
         if log_path.is_file() and log_path.stat().st_size > 0:
             raise DDPMError(f'{out} holds the log of a run that saved no checkpoint: delete '
                             f'{shlex.quote(str(log_path))} to reuse it, or pick another --out')
-    check_writable(out)
-    log_file = open(log_path, 'a')
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = open(log_path, 'a')  # fails, as a test file would, where the folder is not writable
     try:
         if fcntl:  # even kill -9 drops the lock
             fcntl.flock(log_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
