@@ -63,8 +63,7 @@ class Diffusion:
         return (weight * (prediction - target) ** 2).mean()
     def predict(self, model, x, t, labels=None, *, guidance=0.0, clip=False):
         """The model's (eps, x0) for images x at step t, an int; with labels, classifier-free
-        guidance: (1 + w) out(label) - w out(no label). clip: x0 clipped to [-1, 1] (Ho et al.'s
-        code); off by default, as it turns x0's scatter about -1 into a bias upward, a haze."""
+        guidance: (1 + w) out(label) - w out(no label). clip: x0 clipped to [-1, 1] (see README)."""
         tt = torch.full((x.shape[0],), t / self.T, device=x.device)
         if labels is None or guidance == 0:
             out = model(x, tt, labels)
@@ -139,8 +138,6 @@ class ScoreNet(nn.Module):
 def sampling_steps(diffusion, steps):
     """The steps, T first and 0 last, nearest to m targets even in log-SNR (DPM-Solver's advice)."""
     T, lam = diffusion.T, diffusion.lam.double().numpy()
-    if steps == T:
-        return list(range(T, -1, -1))
     for m in range(steps, 100 * T):  # a target's nearest step: interpolated along log-SNR, rounded
         targets = np.linspace(lam[T], lam[1], m)
         ts = np.unique(np.interp(targets, lam[:0:-1], np.arange(T, 0, -1)).round())
@@ -154,10 +151,9 @@ def sample(model, diffusion, shape, *, sampler='ddpm', steps=None, eta=0.0, labe
     'ddim' (Song et al. 2020) and 'dpm++' (DPM-Solver++(2M), Lu et al. 2022) take `steps` steps
     (see sampling_steps), with noise eta (0: the ODE; 1: the SDE). The rest: Diffusion.predict."""
     d, device = diffusion, next(model.parameters()).device
+    steps = d.T if steps is None or sampler == 'ddpm' else steps
     if sampler == 'ddpm':  # Algorithm 2's step, the posterior q(x_t-1 | x_t, x0), is DDIM's, eta 1
         sampler, eta = 'ddim', 1.0
-        steps = d.T
-    steps = d.T if steps is None else steps
     if sampler not in ('ddim', 'dpm++') or not 1 <= steps <= d.T:
         raise ValueError(f'{sampler}, {steps} steps: use ddpm, ddim or dpm++, steps in 1..{d.T}')
     ts, lam = sampling_steps(d, steps), d.lam
@@ -170,8 +166,7 @@ def sample(model, diffusion, shape, *, sampler='ddpm', steps=None, eta=0.0, labe
             x = x + sigma * torch.randn(shape, generator=generator, device=device)
         elif s == 0:  # dpm++ with no noise left: the step lands on x0
             x = x0
-        else:
-            # dpm++: a step h in log-SNR on the data prediction D (2M: D extrapolates x0; eta 1 SDE)
+        else:  # dpm++: a step h in log-SNR on the data prediction D (2M extrapolates; eta 1 SDE)
             h, D = lam[s] - lam[t], x0
             if x0_prev is not None:
                 D = x0 + (x0 - x0_prev) * h / (2 * (lam[t] - lam[ts[i - 1]]))
@@ -207,10 +202,6 @@ def write_atomic(path, write):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-def check_writable(folder):
-    """Fail now, not after an hour of work, if `folder` cannot be made or written."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    tempfile.TemporaryFile(dir=folder).close()
 def say(line, file=None):
     """Print a progress line; a closed or broken stdout (`| head`) then goes to /dev/null."""
     try:
@@ -266,6 +257,14 @@ def learning_rate(step, total, peak):
     warmup = min(500, max(1, total // 10))
     cosine = 0.5 * (1 + math.cos(math.pi * min(step / total, 1)))
     return peak * (min(1, (step + 1) / warmup) * cosine)
+def cuda_graphed(model, x, y):
+    """model, its forward and backward as CUDA graphs for batches like x, labels y (else model)."""
+    try:  # a replay launches hundreds of small kernels at once, reading inputs copied into these
+        torch.cuda.set_device(x.device)  # the graphs' streams are the current device's
+        return torch.cuda.make_graphed_callables(model, (x.clone(), x.new_zeros(len(x)), y.clone()))
+    except Exception as e:  # an old GPU or driver, an op that cannot be recorded
+        say(f'training without CUDA graphs: {one_line(e)}')
+        return model
 def open_run(out, resume):
     """OUT/log.csv to append to, locked while we live; another run's folder is left as it is."""
     log_path, ckpt_path = out / 'log.csv', out / 'ckpt.pt'
@@ -277,7 +276,7 @@ def open_run(out, resume):
             raise DDPMError(f'{out} holds the log of a run that saved no checkpoint: delete '
                             f'{shlex.quote(str(log_path))} to reuse it, or pick another --out')
     out.mkdir(parents=True, exist_ok=True)
-    log_file = open(log_path, 'a')  # fails, as a test file would, where the folder is not writable
+    log_file = open(log_path, 'a', buffering=1)  # fails where the folder is not writable
     try:
         if fcntl:  # even kill -9 drops the lock
             fcntl.flock(log_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -293,7 +292,6 @@ def catch_stop_signals(stop):
         stop.append(signal.Signals(signum).name)
         say(f'\n{stop[0]}: finishing this step, then saving (Ctrl-C again quits now)', sys.stderr)
     return {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM)}
-
 def train(args, ckpt=None):
     """The train command: train on MNIST (continuing `ckpt`), saving OUT/ckpt.pt every epoch."""
     device = torch.device(args.device)
@@ -305,13 +303,17 @@ def train(args, ckpt=None):
     config = {k: getattr(args, k) for k in MODEL_FLAGS} | {'shape': tuple(images.shape[1:])}
     diffusion, model = build(config, device, weights=ckpt['model'] if ckpt else None)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     batch = min(args.batch, len(images))
+    peak_lr = 3e-3 * math.sqrt(batch / 32) if args.lr is None else args.lr  # Adam's usual rule
+    decay = 0.999 ** (batch / 32) if args.ema is None else args.ema  # its half-life in images kept
+    opt = torch.optim.Adam(model.parameters(), lr=peak_lr, fused=device.type == 'cuda' or None)
     steps_per_epoch = len(images) // batch
     total = max_steps = args.epochs * steps_per_epoch  # --minutes re-plans total at every step
     step, seconds_before = (ckpt['step'], ckpt.get('seconds', 0.0)) if ckpt else (0, 0.0)
     if ckpt:
         ema.load_state_dict(ckpt['ema'])
+        for group in ckpt['optimizer']['param_groups']:  # fused or not, as this run chose
+            group['fused'] = opt.defaults['fused']
         opt.load_state_dict(ckpt['optimizer'])
         torch.set_rng_state(ckpt['rng'][0])
         torch.cuda.set_rng_state_all(ckpt['rng'][1:])  # no-op without CUDA
@@ -319,7 +321,6 @@ def train(args, ckpt=None):
             raise DDPMError(f'{args.resume} has used its {args.minutes:g} minutes: raise --minutes')
         if step >= total:
             raise DDPMError(f'{args.resume} has finished its {step} steps: raise --epochs')
-        say(f'resumed {args.resume} at step {step} (epoch {step / steps_per_epoch:.2f})')
     log_file = open_run(out, args.resume)
     t0 = last_log = time.time()
     def save():
@@ -329,9 +330,9 @@ def train(args, ckpt=None):
                  'args': vars(args) | {'data': os.path.abspath(args.data)},
                  'rng': [torch.get_rng_state(), *torch.cuda.get_rng_state_all()]}
         write_atomic(ckpt_path, lambda f: torch.save(state, f))
-    millions = sum(p.numel() for p in model.parameters()) / 1e6
-    say(f'training {millions:.2f}M parameters on {len(images)} images: {total} steps of {batch} on '
-        f'{device}' + (f', at most {args.minutes:g} minutes' if args.minutes else ''))
+    say(f'training on {len(images)} images: steps {step} to {total}, of {batch}, on {device}'
+        + (f', at most {args.minutes:g} minutes' if args.minutes else ''))
+    net = cuda_graphed(model, images[:batch], labels[:batch]) if device.type == 'cuda' else model
     start_step, order = step, None
     stop, losses = [], []
     handlers = catch_stop_signals(stop)
@@ -343,18 +344,18 @@ def train(args, ckpt=None):
                 shuffle = torch.Generator().manual_seed(args.seed * 100_003 + epoch)
                 order = torch.randperm(len(images), generator=shuffle).to(device)
             index = order[i * batch:(i + 1) * batch]
-            x0, y = images[index], None
+            x0, y = images[index], labels[index]  # an unconditional net ignores y
             if args.cond:  # a tenth of the labels drop to "no label": one model, both modes
                 no_label = torch.rand(batch, device=device) < 0.1
-                y = torch.where(no_label, model.num_classes, labels[index])
+                y = torch.where(no_label, model.num_classes, y)
             # Step.
             for group in opt.param_groups:
-                group['lr'] = learning_rate(step, total, args.lr)
-            loss = diffusion.loss(model, x0, y, weight_max=args.weight_max)
+                group['lr'] = learning_rate(step, total, peak_lr)
+            loss = diffusion.loss(net, x0, y, weight_max=args.weight_max)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            ema_update(ema, model, step, args.ema)
+            ema_update(ema, model, step, decay)
             step += 1
             losses.append(loss.detach())
             # Plan: with --minutes, end the schedule when the budget ends, at the pace so far.
@@ -367,17 +368,16 @@ def train(args, ckpt=None):
             saving = step == total or step % steps_per_epoch == 0
             if saving or time.time() - last_log >= 5:
                 now, mean_loss = time.time(), torch.stack(losses).mean().item()
-                lr, epoch = learning_rate(step, total, args.lr), step / steps_per_epoch
+                lr, epoch = learning_rate(step, total, peak_lr), step / steps_per_epoch
                 rate, spent = len(losses) * batch / max(now - last_log, 1e-3), (now - t0) / 60
-                print(f'{step},{epoch:.3f},{mean_loss:.5f},{lr:.3e},{now - t0:.1f}', file=log_file,
-                      flush=True)
+                print(f'{step},{epoch:.3f},{mean_loss:.5f},{lr:.3e},{now - t0:.1f}', file=log_file)
                 say(f'epoch {math.ceil(epoch)} step {step}/{total} loss {mean_loss:.4f} lr {lr:.2e}'
                     f' {rate:.0f} img/s {spent:.1f}m eta {(total - step) * batch / rate / 60:.1f}m')
                 last_log, losses = now, []
                 if not math.isfinite(mean_loss):
                     kept = f'{ckpt_path} is kept' if ckpt_path.exists() else 'none was saved'
                     raise DDPMError(f'loss became {mean_loss} by step {step}; try a lower --lr '
-                                    f'than {args.lr} ({kept})')
+                                    f'than {peak_lr:g} ({kept})')
             if saving:  # sample from OUT/ckpt.pt meanwhile to see how the run does
                 save()
     finally:
@@ -393,18 +393,15 @@ def train(args, ckpt=None):
 
 # --- Sampling -------------------------------------------------------------------------------------
 def check_outputs(args):
-    """Before any work: outputs, no folders, an .npz, a grid type Pillow can write (returned)."""
+    """Before any work: some output, no folders, a grid type that Pillow can write (returned)."""
     if not (args.out or args.npz):
         raise DDPMError("nothing to write: --out '' and no --npz")
-    if args.npz and Path(args.npz).suffix.lower() != '.npz':
-        raise DDPMError(f'{args.npz}: --npz needs a name ending in .npz')
     image_type = Image.registered_extensions().get(Path(args.out).suffix.lower())
     try:  # Pillow reads more types than it writes, and some of its writers need a plugin or a mode
         if args.out:
             Image.new('RGB', (2, 2)).save(io.BytesIO(), format=image_type)
     except Exception:
-        raise DDPMError(f'{args.out}: the grid needs an image type that Pillow can write, such as '
-                        '.png, .jpg, .webp, .bmp, .tiff or .pdf')
+        raise DDPMError(f'{args.out}: the grid needs a type Pillow writes, such as .png or .jpg')
     for path in filter(None, (args.out, args.npz)):
         if Path(path).is_dir():
             raise DDPMError(f'{path} is a folder: name a file')
@@ -412,12 +409,17 @@ def check_outputs(args):
 def sample_command(args):
     """The sample command: samples from a checkpoint's EMA weights, as an .npz and a grid."""
     image_type = check_outputs(args)
+    if args.ckpt is None:  # the trained run, or else the model that comes with ddpm.py
+        shipped = Path(__file__).parent / 'assets' / ('mnist_cond.pt' if args.digit else 'mnist.pt')
+        args.ckpt = 'runs/mnist/ckpt.pt' if Path('runs/mnist/ckpt.pt').exists() else shipped
+        say(f'no --ckpt: sampling {args.ckpt}')
     device, ckpt = torch.device(args.device), load_checkpoint(args.ckpt)
     diffusion, model = build(ckpt['config'], device, weights=ckpt['ema'])
     if args.digit is not None and not ckpt['config']['cond']:
         raise DDPMError(f'{args.ckpt} was trained without --cond: it cannot draw a chosen --digit')
-    for path in filter(None, (args.out, args.npz)):
-        check_writable(Path(path).parent)
+    for path in filter(None, (args.out, args.npz)):  # fail now, not after the work, if unwritable
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=Path(path).parent).close()
     n, steps = args.n, args.steps or min(50, diffusion.T)  # ddim, dpm++: 50 steps, or T if fewer
     labels = None  # --digit all: the ten digits in turn
     if args.digit is not None:
@@ -438,9 +440,8 @@ def sample_command(args):
         write_atomic(args.npz, lambda f: np.savez_compressed(f, samples=to_uint8(x)))
     if args.out:
         nrow = 10 if args.digit == 'all' else math.ceil(math.sqrt(min(n, 400)))
-        grid = (x[:400] + 1) / 2
-        write_atomic(args.out, lambda f: torchvision.utils.save_image(grid, f, nrow=nrow,
-                                                                      format=image_type))
+        write_atomic(args.out, lambda f: torchvision.utils.save_image((x[:400] + 1) / 2, f,
+                                                                      nrow=nrow, format=image_type))
     evaluations, written = diffusion.T if args.sampler == 'ddpm' else steps, [args.npz, args.out]
     say(f'done: {n} samples in {seconds:.1f}s, {n / seconds:.1f} samples/s, {args.sampler} with '
         f'{evaluations} network evaluations each; wrote {", ".join(filter(None, written))}')
@@ -478,13 +479,12 @@ def build_parser():
     t.add_argument('--epochs', type=bounded(int, 1), default=60, help='passes over the data')
     t.add_argument('--minutes', type=bounded(float, 0.01), help='budget: the schedule ends on time')
     t.add_argument('--batch', type=bounded(int, 1), default=32, help='images per step')
-    t.add_argument('--lr', type=bounded(float, 1e-8, 1), default=3e-3, help='peak Adam step size')
-    t.add_argument('--ema', type=bounded(float, 0, 0.99999), default=0.999, help='EMA decay')
+    t.add_argument('--lr', type=bounded(float, 1e-8, 1), help='peak, none: 3e-3*sqrt(batch/32)')
+    t.add_argument('--ema', type=bounded(float, 0, 0.99999), help='decay, none: 0.999**(batch/32)')
     t.add_argument('--T', type=bounded(int, 1, 10_000), default=200, help='diffusion steps')
     t.add_argument('--schedule', choices=('linear', 'cosine'), default='cosine', help='noise')
     t.add_argument('--target', choices=('eps', 'v'), default='eps', help='what the net predicts')
-    t.add_argument('--weight-max', type=bounded(float, 1), default=5.0, help='eps loss: step t '
-                   'weighs min(1/abar_t, this)')
+    t.add_argument('--weight-max', type=bounded(float, 1), default=5.0, help='min(1/abar_t, this)')
     t.add_argument('--beta-start', type=bounded(float, 1e-8, 0.999), default=1e-4, help='linear')
     t.add_argument('--beta-end', type=bounded(float, 1e-8, 0.999), default=0.1, help='linear')
     t.add_argument('--widths', type=parse_widths, default='32,64,128,256', help='U-Net channels')
@@ -493,7 +493,7 @@ def build_parser():
     t.add_argument('--limit', type=bounded(int, 1), help='train on the first N images (smoke runs)')
     t.add_argument('--resume', metavar='CKPT', help='continue a run: flags left out keep its own')
     s = commands.add_parser('sample', formatter_class=formats, help='samples from a checkpoint')
-    s.add_argument('--ckpt', default='runs/mnist/ckpt.pt', help="checkpoint (train's default)")
+    s.add_argument('--ckpt', help='none: runs/mnist/ckpt.pt if there, else assets/mnist.pt')
     s.add_argument('--out', default='grid.png', help="grid of the first 400 samples ('': none)")
     s.add_argument('--npz', help='also write the samples as uint8 (N, H, W[, C]) for fid.py')
     s.add_argument('--n', type=bounded(int, 1, 10**6), default=64, help='number of samples')

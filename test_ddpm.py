@@ -4,6 +4,7 @@
     python -m pytest -q -m "not slow"   # the math, shapes and samplers, in seconds: for hacking
 
 `slow` marks the tests that train, start processes or read all of MNIST."""
+import copy
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import fid
 # would be noise on every run
 warnings.filterwarnings('ignore', category=pytest.PytestUnknownMarkWarning)
 slow = pytest.mark.slow
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
 ROOT = Path(__file__).resolve().parent
 DATA = os.environ.get('DDPM_DATA', str(ROOT.parent / 'shared' / 'data'))
@@ -556,7 +558,7 @@ def test_cli_train_sample_resume_end_to_end(tmp_path):
     # into the checkpoint's folder
     r = run('train', *TINY, '--epochs', '2', '--resume', str(out / 'ckpt.pt'))
     assert r.returncode == 0, r.stderr
-    assert 'resumed' in r.stdout
+    assert 'steps 4 to 8' in r.stdout
     assert ddpm.load_checkpoint(out / 'ckpt.pt')['step'] == 8
     # one run, one log: a line per epoch
     assert len((out / 'log.csv').read_text().splitlines()) == 2
@@ -648,6 +650,7 @@ def test_shipped_model_is_the_defaults_after_60_epochs_in_float16():
     assert set(ckpt) == {'format', 'config', 'args', 'step', 'ema'}  # no optimizer, no RNG state
     parser, _ = ddpm.build_parser()
     defaults = vars(parser.parse_args(['train']))
+    defaults |= {'lr': 3e-3, 'ema': 0.999}  # "none" at batch 32: the flags it was run with
     for name in ddpm.RUN_FLAGS:
         if name != 'data':
             assert ckpt['args'][name] == defaults[name], name
@@ -660,9 +663,11 @@ def test_shipped_model_is_the_defaults_after_60_epochs_in_float16():
 
 @slow
 def test_shipped_model_draws_digits_a_classifier_is_sure_of(tmp_path):
-    r = run('sample', '--ckpt', str(SHIPPED), '--n', '100', '--npz', str(tmp_path / 's.npz'),
-            '--out', str(tmp_path / 'grid.png'), '--device', 'cpu')
+    # the design card's command right after clone: no run yet, so the shipped model
+    r = run('sample', '--n', '100', '--npz', 's.npz', '--out', 'grid.png', '--device', 'cpu',
+            cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    assert f'no --ckpt: sampling {SHIPPED}' in r.stdout
     # 10x10 digits, 2-pixel gaps
     assert Image.open(tmp_path / 'grid.png').size == (10 * 30 + 2, 10 * 30 + 2)
     samples = np.load(tmp_path / 's.npz')['samples']
@@ -671,6 +676,18 @@ def test_shipped_model_draws_digits_a_classifier_is_sure_of(tmp_path):
     # measured: 94% of these 100 (each digit 7-12 times), 95% of 10,000; a 30-minute model: 91%
     assert (confidence > 0.9).float().mean() > 0.9
     assert set(digit.tolist()) == set(range(10))
+
+
+@slow
+def test_sample_without_ckpt_takes_the_trained_run_and_a_named_missing_ckpt_is_an_error(tmp_path):
+    needs_mnist()
+    ddpm.main(['train', *TINY, '--epochs', '1', '--out', str(tmp_path / 'runs' / 'mnist')])
+    r = run('sample', '--n', '4', '--out', 'g.png', '--device', 'cpu', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert 'no --ckpt: sampling runs/mnist/ckpt.pt' in r.stdout
+    assert 'dpm++ with 20 network evaluations' in r.stdout  # the tiny run's T, not the shipped 200
+    one_line_error(run('sample', '--ckpt', 'runs/other/ckpt.pt', '--device', 'cpu', cwd=tmp_path),
+                   'checkpoint runs/other/ckpt.pt not found')
 
 
 @slow
@@ -794,7 +811,7 @@ def test_a_second_train_on_the_same_folder_is_refused_while_the_first_runs(tmp_p
     r = run('train', '--data', DATA, '--resume', str(tmp_path / 'ckpt.pt'), '--epochs',
             str(step // 4 + 1))
     assert r.returncode == 0, r.stderr
-    assert f'at step {step}' in r.stdout
+    assert f'steps {step} to' in r.stdout
 
 
 @slow
@@ -813,7 +830,7 @@ def test_signal_saves_a_checkpoint_that_resumes(tmp_path, sig):
     r = run('train', '--data', DATA, '--epochs', str(step // 4 + 1), '--resume',
             str(tmp_path / 'ckpt.pt'))
     assert r.returncode == 0, r.stderr
-    assert f'at step {step}' in r.stdout
+    assert f'steps {step} to' in r.stdout
 
 
 def test_out_of_memory_is_one_line(monkeypatch):
@@ -879,7 +896,8 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(tmp_path, monkey
     monkeypatch.setattr(ddpm.Diffusion, 'loss', nan)
     # the loss is read at each progress line (every 5 s) and before each checkpoint: here by the
     # one at step 8
-    kept = r'loss became nan by step [5-8]; try a lower --lr than 0.003 \(.*ckpt.pt is kept\)'
+    # the lr it trained with: batch 50 scales the default 3e-3 by sqrt(50 / 32)
+    kept = r'loss became nan by step [5-8]; try a lower --lr than 0.00375 \(.*ckpt.pt is kept\)'
     with pytest.raises(SystemExit, match=kept):
         ddpm.main(['train', '--data', DATA, '--epochs', '2', '--resume',
                    str(tmp_path / 'a' / 'ckpt.pt')])
@@ -956,6 +974,78 @@ def test_label_dropout_happens_at_a_tenth(tmp_path, monkeypatch):
 
 
 @slow
+@pytest.mark.parametrize('typed', [[], ['--lr', '1e-3', '--ema', '0.9']])
+def test_left_out_lr_and_ema_follow_the_batch(tmp_path, monkeypatch, typed):
+    needs_mnist()
+    decays, update = [], ddpm.ema_update
+    def record(ema, model, step, decay):
+        decays.append(decay)
+        update(ema, model, step, decay)
+    monkeypatch.setattr(ddpm, 'ema_update', record)
+    # 200 digits in batches of 128: 1 step an epoch, 2 in all; step 1's lr is half the peak
+    ddpm.main(['train', *TINY[:5], '128', *TINY[6:], '--epochs', '2', '--out', str(tmp_path),
+               *typed])
+    peak, decay = (1e-3, 0.9) if typed else (3e-3 * math.sqrt(4), 0.999 ** 4)
+    first_line = (tmp_path / 'log.csv').read_text().splitlines()[0].split(',')
+    assert float(first_line[3]) == pytest.approx(peak / 2, rel=1e-3)
+    assert decays == [decay, decay]
+
+
+@slow
+def test_a_checkpoint_of_fused_adam_resumes_with_this_machines_adam(tmp_path):
+    needs_mnist()
+    path = tiny_run(tmp_path)
+    ckpt = torch.load(path, weights_only=True)
+    for group in ckpt['optimizer']['param_groups']:  # as a run on CUDA saves it
+        group['fused'] = True
+    torch.save(ckpt, path)
+    ddpm.main(['train', '--data', DATA, '--device', 'cpu', '--epochs', '2', '--resume', str(path)])
+    resumed = ddpm.load_checkpoint(path, ddpm.RESUME_PARTS)
+    assert resumed['step'] == 8
+    assert resumed['optimizer']['param_groups'][0]['fused'] is None
+
+
+@needs_cuda
+def test_cuda_graphs_give_the_eager_loss_and_gradients():
+    torch.manual_seed(0)
+    d, eager = ddpm.Diffusion(), ddpm.ScoreNet(num_classes=10).cuda()
+    example = torch.zeros(16, 1, 28, 28, device='cuda'), torch.zeros(16, dtype=torch.long).cuda()
+    graphed = ddpm.cuda_graphed(copy.deepcopy(eager), *example)
+    assert 'forward' in vars(graphed)  # recorded: not the eager fallback
+    for seed in (1, 2):  # two batches: each replay reads its own inputs
+        g = torch.Generator('cuda').manual_seed(seed)
+        x0 = torch.rand(16, 1, 28, 28, device='cuda', generator=g) * 2 - 1
+        y = torch.randint(0, 11, (16,), device='cuda', generator=g)
+        t = torch.randint(1, 201, (16,), device='cuda', generator=g)
+        noise = torch.randn(16, 1, 28, 28, device='cuda', generator=g)
+        losses, grads = [], []
+        for model in (eager, graphed):
+            model.zero_grad(set_to_none=True)
+            loss = d.loss(model, x0, y, t=t, noise=noise)
+            loss.backward()
+            losses.append(loss.item())
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+        assert (grads[1] - grads[0]).norm() < 1e-2 * grads[0].norm()
+
+
+@needs_cuda
+@slow
+def test_a_cuda_run_resumes_on_the_cpu_and_back(tmp_path):
+    needs_mnist()
+    flags, path = TINY[:-2], str(tmp_path / 'run' / 'ckpt.pt')
+    r = run('train', *flags, '--device', 'cuda', '--epochs', '1', '--out', str(tmp_path / 'run'))
+    assert r.returncode == 0, r.stderr
+    assert 'without CUDA graphs' not in r.stdout
+    for device, steps in (('cpu', 8), ('cuda', 12)):
+        r = run('train', *flags, '--device', device, '--epochs', str(steps // 4), '--resume', path)
+        assert r.returncode == 0, r.stderr
+        assert ddpm.load_checkpoint(path)['step'] == steps
+    r = run('sample', '--ckpt', path, '--n', '8', '--out', str(tmp_path / 'g.png'))
+    assert r.returncode == 0, r.stderr
+
+
+@slow
 def test_tiny_conditional_overfit_draws_the_requested_class(tmp_path, monkeypatch):
     needs_mnist()
     images, labels = ddpm.load_mnist(DATA, limit=1000)
@@ -1026,15 +1116,14 @@ def test_bad_inputs_give_one_line_errors(tmp_path, monkeypatch, capsys):
         (['sample', '--digit', '11'], 'argument --digit: invalid choice'),
         (['sample', '--guidance', '-1'], 'argument --guidance: -1 is out of range'),
         (['sample', '--out', ''], "nothing to write: --out '' and no --npz"),
-        (['sample', '--npz', str(tmp_path / 'samples')], '--npz needs a name ending in .npz'),
         (['sample', '--out', str(tmp_path / 'grid.txt'), '--npz', str(tmp_path / 'x.npz')],
-         'the grid needs an image type that Pillow can write, such as .png'),
+         'the grid needs a type Pillow writes, such as .png'),
         (['sample', '--out', str(tmp_path / 'grid.psd'), '--npz', str(tmp_path / 'x.npz')],
-         'the grid needs an image type that Pillow can write'),  # Pillow reads .psd, writes none
+         'the grid needs a type Pillow writes'),  # Pillow reads .psd, writes none
         (['sample', '--out', str(tmp_path / 'readonly'), '--npz', str(tmp_path / 'x.npz')],
-         'the grid needs an image type'),
+         'the grid needs a type Pillow writes'),
         (['sample', '--out', str(tmp_path), '--npz', str(tmp_path / 'x.npz')],
-         'the grid needs an image type'),
+         'the grid needs a type Pillow writes'),
         (['train', '--data', str(tmp_path / 'nowhere'), '--out', str(tmp_path / 'o')],
          'cannot load MNIST from'),
         (['train', '--device', 'nonsense'], 'nonsense'),
@@ -1159,7 +1248,7 @@ def test_printed_commands_paste_into_a_shell_as_printed(tmp_path):
     r = subprocess.run(command + f' --data {DATA} --epochs {step // 4 + 1}', shell=True, cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert f'at step {step}' in r.stdout
+    assert f'steps {step} to' in r.stdout
     r = run('train', *TINY, '--out', str(folder))
     command = r.stderr.split('continue it with ')[1].split(', or pick')[0]
     assert command == f'--resume {shlex.quote(str(folder / "ckpt.pt"))}'
@@ -1209,7 +1298,7 @@ def test_outputs_are_written_whole_or_not_at_all(tmp_path, monkeypatch, capsys):
     for grid in ('g.h5', 'g.xbm'):
         exits_with_one_line(capsys, ddpm.main, ['sample', '--ckpt', str(path), '--n', '4', '--out',
                                                 str(tmp_path / grid), '--npz', str(npz)],
-                            'the grid needs an image type that Pillow can write')
+                            'the grid needs a type Pillow writes')
     assert npz.read_bytes() == before
 
 

@@ -2,6 +2,7 @@
 
     python .ci/bench.py                      # the README's table: three models at batch 100 and 32
     python .ci/bench.py --steps 50 --compile # options apply to every row
+    python .ci/bench.py --rows depth2:32,depth2:256 --fast  # on CUDA: ddpm.py train's fast path
 
 The reference is the MNIST ScoreNet of Yang Song's score-based tutorial, the model the reference DDPM
 used: channels 32-64-128-256, unpadded convs, GroupNorm, Fourier time embedding, predicting the noise
@@ -58,9 +59,13 @@ def one(args):
              else ddpm.ScoreNet(depth=int(args.model.removeprefix('depth')))).to(device)  # 'depth2': ScoreNet(depth=2)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    net = torch.compile(model) if args.compile else model
-    diffusion, opt = ddpm.Diffusion(), torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.rand(args.batch, 1, 28, 28, device=device) * 2 - 1
+    labels = torch.zeros(args.batch, dtype=torch.long, device=device)  # a graphed net takes them
+    net = torch.compile(model) if args.compile else model
+    if args.fast:  # what train does on CUDA: the net as CUDA graphs, and fused Adam
+        net = ddpm.cuda_graphed(model, x, labels)
+    diffusion = ddpm.Diffusion()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=args.fast or None)
     if args.channels_last:
         x = x.to(memory_format=torch.channels_last)
     for step in range(args.warmup + args.steps):
@@ -69,7 +74,7 @@ def one(args):
                 torch.cuda.synchronize()
             start = time.time()
         with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-            loss = diffusion.loss(net, x)
+            loss = diffusion.loss(net, x, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -91,13 +96,14 @@ def main():
     p.add_argument('--device', default='auto')
     p.add_argument('--compile', action='store_true')
     p.add_argument('--amp', action='store_true')
+    p.add_argument('--fast', action='store_true', help="ddpm.py train's CUDA path: graphs, fused Adam")
     p.add_argument('--channels-last', action='store_true')
     p.add_argument('--model', help=argparse.SUPPRESS)  # set in the child process of one row
     p.add_argument('--batch', type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.model:
         return one(args)
-    options = [f'--{k.replace("_", "-")}' for k in ('compile', 'amp', 'channels_last') if getattr(args, k)]
+    options = [f'--{k.replace("_", "-")}' for k in ('compile', 'amp', 'channels_last', 'fast') if getattr(args, k)]
     print(f'torch {torch.__version__}, {os.cpu_count()} CPUs, threads {torch.get_num_threads()}, options {options}')
     print('| model | params | batch | images/s | peak memory (MB) | device |\n|---|---|---|---|---|---|')
     for row in args.rows.split(','):
