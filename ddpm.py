@@ -840,7 +840,8 @@ def build_parser():
     sampler = commands.add_parser('sample', formatter_class=formats,
                                   help='samples from a checkpoint')
     add = sampler.add_argument
-    add('--ckpt', help='none: runs/mnist/ckpt.pt or assets/mnist.pt (--digit: runs/cond, ..._cond)')
+    add('--ckpt', help='none: runs/mnist/ckpt.pt, else assets/mnist.pt; with --digit, '
+        'runs/cond/ckpt.pt, else assets/mnist_cond.pt')
     add('--out', default='grid.png', help="grid of the first 400 samples ('': none)")
     add('--npz', help='also write the samples as uint8 (N, H, W[, C]) for fid.py')
     add('--n', type=bounded(int, 1, 10**6), default=64, help='number of samples')
