@@ -679,7 +679,8 @@ def test_shipped_model_draws_digits_a_classifier_is_sure_of(tmp_path):
 
 
 @slow
-def test_sample_without_ckpt_takes_the_trained_run_and_a_named_missing_ckpt_is_an_error(tmp_path):
+def test_sample_without_ckpt_takes_the_trained_run_and_a_named_missing_ckpt_is_an_error(
+        tmp_path, monkeypatch, capsys):
     needs_mnist()
     ddpm.main(['train', *TINY, '--epochs', '1', '--out', str(tmp_path / 'runs' / 'mnist')])
     r = run('sample', '--n', '4', '--out', 'g.png', '--device', 'cpu', cwd=tmp_path)
@@ -690,11 +691,12 @@ def test_sample_without_ckpt_takes_the_trained_run_and_a_named_missing_ckpt_is_a
                    'checkpoint runs/other/ckpt.pt not found (train one with: python ddpm.py train)')
     # a chosen digit takes the conditional run, runs/cond, and names the command that makes one
     ddpm.main(['train', *TINY, '--epochs', '1', '--cond', '--out', str(tmp_path / 'runs' / 'cond')])
-    r = run('sample', '--digit', '7', '--n', '2', '--out', 'g.png', '--device', 'cpu', cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert 'no --ckpt: sampling runs/cond/ckpt.pt' in r.stdout
-    one_line_error(run('sample', '--digit', '7', '--ckpt', 'runs/c/ckpt.pt', cwd=tmp_path),
-                   'not found (train one with: python ddpm.py train --cond --out runs/cond)')
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    ddpm.main(['sample', '--digit', '7', '--n', '2', '--out', 'g.png', '--device', 'cpu'])
+    assert 'no --ckpt: sampling runs/cond/ckpt.pt' in capsys.readouterr().out
+    exits_with_one_line(capsys, ddpm.main, ['sample', '--digit', '7', '--ckpt', 'runs/c/ckpt.pt'],
+                        'not found (train one with: python ddpm.py train --cond --out runs/cond)')
 
 
 @slow
@@ -726,8 +728,9 @@ def test_resume_refuses_contradicting_flags(tmp_path):
     one_line_error(run('train', *TINY, '--epochs', '2', '--depth', '2', '--resume',
                        str(tmp_path / 'ckpt.pt')), '--depth 2 contradicts the checkpoint (3)')
     # another batch would read the saved step count as steps of its own size
-    one_line_error(run('train', '--data', DATA, '--batch', '25', '--epochs', '2', '--resume',
-                       str(tmp_path / 'ckpt.pt')), '--batch 25 contradicts the checkpoint (50)')
+    with pytest.raises(SystemExit, match=r'^error: --batch 25 contradicts the checkpoint \(50\)'):
+        ddpm.main(['train', '--data', DATA, '--batch', '25', '--epochs', '2', '--resume',
+                   str(tmp_path / 'ckpt.pt')])
     r = run('sample', '--ckpt', str(tmp_path / 'ckpt.pt'), '--n', '2', '--out',
             str(tmp_path / 'g.png'))
     assert r.returncode == 0, r.stderr  # the checkpoint's config builds the deeper net
@@ -1361,8 +1364,8 @@ def test_sampling_errors(tmp_path):
                        '--steps', '21'), 'steps in 1..20')
     # they were ignored without a word
     for flags in (['--steps', '10'], ['--eta', '0']):
-        one_line_error(run('sample', '--ckpt', str(tmp_path / 'ckpt.pt'), '--sampler', 'ddpm',
-                           *flags), 'sampler ddpm takes all 20 steps at eta 1')
+        with pytest.raises(SystemExit, match='^error: sampler ddpm takes all 20 steps at eta 1'):
+            ddpm.main(['sample', '--ckpt', str(tmp_path / 'ckpt.pt'), '--sampler', 'ddpm', *flags])
 
 
 @slow
@@ -1518,21 +1521,22 @@ def test_loading_mnist_makes_no_folder_that_it_leaves_behind(tmp_path, monkeypat
 
 
 @slow
-def test_printed_commands_read_a_leading_dash_as_a_path_and_are_never_cut(tmp_path, monkeypatch):
+def test_printed_commands_read_a_leading_dash_as_a_path_and_are_never_cut(
+        tmp_path, monkeypatch, capsys):
     needs_mnist()
     monkeypatch.chdir(tmp_path)
     ddpm.main(['train', *TINY, '--epochs', '1', '--out=-r'])
-    r = run('train', *TINY, '--out=-r', cwd=tmp_path)
-    one_line_error(r, 'continue it with --resume ./-r/ckpt.pt, or pick another --out')
+    exits_with_one_line(capsys, ddpm.main, ['train', *TINY, '--out=-r'],
+                        'continue it with --resume ./-r/ckpt.pt, or pick another --out')
     # as printed, it resumes the run (argparse read --resume -r/ckpt.pt as two flags)
-    r = run('train', '--data', DATA, '--epochs', '2', '--resume', './-r/ckpt.pt', cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert 'steps 4 to 8' in r.stdout
+    capsys.readouterr()
+    ddpm.main(['train', '--data', DATA, '--epochs', '2', '--resume', './-r/ckpt.pt'])
+    assert 'steps 4 to 8' in capsys.readouterr().out
     # a long folder's message was cut at 300 characters, in the middle of its path
     deep = tmp_path / ('d' * 200) / ('e' * 200)
     ddpm.main(['train', *TINY, '--epochs', '1', '--out', str(deep)])
-    r = run('train', *TINY, '--out', str(deep))
-    one_line_error(r, f'--resume {deep / "ckpt.pt"}, or pick another --out')
+    exits_with_one_line(capsys, ddpm.main, ['train', *TINY, '--out', str(deep)],
+                        f'--resume {deep / "ckpt.pt"}, or pick another --out')
 
 
 @slow
