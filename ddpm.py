@@ -756,8 +756,10 @@ def sample_command(args):
     generator = torch.Generator(device).manual_seed(args.seed)
     chunks = []
     started = time.time()
-    for start in range(0, n, args.batch):
-        size = min(args.batch, n - start)
+    # on the CPU, batches larger than 100 spill out of its caches: 500 ran 1.4x slower
+    batch = args.batch or (100 if device.type == 'cpu' else 500)
+    for start in range(0, n, batch):
+        size = min(batch, n - start)
         chunk_labels = None if labels is None else labels[start:start + size].to(device)
         x = sample(model, diffusion, (size, *ckpt['config']['shape']), sampler=args.sampler,
                    steps=args.steps, eta=args.eta, labels=chunk_labels, guidance=args.guidance,
@@ -850,7 +852,8 @@ def build_parser():
     add('--eta', type=bounded(float, 0, 1), default=1.0, help='noise: 1 SDE, 0 ODE (ddpm: 1)')
     add('--digit', choices=[*map(str, range(10)), 'all'], help='for --cond models')
     add('--guidance', type=bounded(float, 0, 100), default=1.0, help='classifier-free')
-    add('--batch', type=bounded(int, 1), default=500, help='samples per forward pass')
+    add('--batch', type=bounded(int, 1), help='samples per forward pass (none: 100 on the CPU, '
+        'else 500)')
     for command in (trainer, sampler):
         command.add_argument('--seed', type=bounded(int, 0, 2**63 - 1), default=0,
                              help='same seed, same result')
