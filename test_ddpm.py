@@ -482,6 +482,31 @@ def test_guidance_zero_is_the_plain_conditional_model():
     b = ddpm.sample(plain, d, (4, 1, 8, 8), generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(a, b)
 
+
+@pytest.mark.parametrize('interval', [(0.5, 3.0), (0.0, math.inf)])
+def test_guidance_applies_only_at_the_noise_levels_in_its_interval(interval):
+    d = ddpm.Diffusion()
+    guided_at = []
+
+    def spy(x, tau, labels):
+        if (labels == 10).any():  # the unconditional half of a guided pass
+            guided_at.append(round(tau[0].item() * d.T))
+        return torch.zeros_like(x)
+    model = as_model(spy)
+    model.num_classes = 10
+    ddpm.sample(model, d, (2, 1, 4, 4), labels=torch.tensor([3, 5]), guidance=2.0,
+                guidance_sigmas=interval, generator=torch.Generator().manual_seed(0))
+    # in float64: the sampler's steps t (all but the final 0) whose sqrt((1 - abar) / abar) is in
+    # (low, high]
+    abar = d.abar.double()
+    sigma = ((1 - abar) / abar).sqrt()
+    want = [t for t in ddpm.sampling_steps(d, 50)[:-1] if interval[0] < sigma[t] <= interval[1]]
+    assert guided_at == want
+    if interval == (0.5, 3.0):
+        assert 0 < len(want) < 50
+    else:
+        assert len(want) == 50
+
 # --- training pieces ------------------------------------------------------------------------------
 
 
