@@ -293,8 +293,8 @@ def sample(model, diffusion, shape, *, sampler='dpm++', steps=None, eta=1.0, lab
     x0_prev = None
     # from step t to step s < t
     for i, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
-        noise_level = ((1 - d.abar[t]) / d.abar[t]).sqrt()
-        guided = guidance_sigmas[0] < noise_level <= guidance_sigmas[1]
+        # sigma = sqrt((1 - abar) / abar) = e^(-lam), from the CPU table: no device sync
+        guided = guidance_sigmas[0] < (-lam[t]).exp() <= guidance_sigmas[1]
         eps, x0 = d.predict(model, x, t, labels, guidance=guidance if guided else 0.0)
         if sampler == 'ddim':
             # Song et al.'s eq. 12; at eta 1 the posterior q(x_s | x_t, x0)
