@@ -668,6 +668,12 @@ SHIPPED = ROOT / 'assets' / 'mnist.pt'
 SHIPPED_COND = ROOT / 'assets' / 'mnist_cond.pt'
 
 
+def mnist_logits(samples):
+    """fid.py's MNIST classifier's logits for uint8 digits (N, 28, 28)."""
+    with torch.no_grad():
+        return fid.Extractor('mnist').net(fid.to_input(samples))
+
+
 @pytest.mark.parametrize('path, flags', [(SHIPPED, []), (SHIPPED_COND, ['--cond'])])
 def test_shipped_models_are_the_defaults_after_60_epochs_in_float16(path, flags):
     # README's quick start samples assets/mnist.pt: `train --epochs 60` with every default, its EMA
@@ -698,8 +704,7 @@ def test_shipped_model_draws_digits_a_classifier_is_sure_of(tmp_path):
     # 10x10 digits, 2-pixel gaps
     assert Image.open(tmp_path / 'grid.png').size == (10 * 30 + 2, 10 * 30 + 2)
     samples = np.load(tmp_path / 's.npz')['samples']
-    with torch.no_grad():
-        confidence, digit = fid.Extractor('mnist').net(fid.to_input(samples)).softmax(1).max(1)
+    confidence, digit = mnist_logits(samples).softmax(1).max(1)
     # measured: 94% of these 100 (each digit 7-12 times), 95% of 10,000; a 30-minute model: 91%
     assert (confidence > 0.9).float().mean() > 0.9
     assert set(digit.tolist()) == set(range(10))
@@ -713,8 +718,7 @@ def test_shipped_conditional_model_draws_the_digits_asked_for(tmp_path):
     assert r.returncode == 0, r.stderr
     assert f'no --ckpt: sampling {SHIPPED_COND}' in r.stdout
     samples = np.load(tmp_path / 's.npz')['samples']
-    with torch.no_grad():
-        read = fid.Extractor('mnist').net(fid.to_input(samples)).argmax(1)
+    read = mnist_logits(samples).argmax(1)
     asked = torch.arange(100) % 10
     # measured: all 100 of these read as asked (the classifier errs on 0.6% of real test digits)
     assert (read == asked).float().mean() >= 0.97
@@ -1125,7 +1129,7 @@ def test_tiny_conditional_overfit_draws_the_requested_class(tmp_path, monkeypatc
     wanted = torch.tensor([0, 1] * 20)
     x = ddpm.sample(model, diffusion, (40, 1, 28, 28), sampler='dpm++', steps=20, labels=wanted,
                     guidance=1.0, generator=torch.Generator().manual_seed(0))
-    drawn = fid.Extractor('mnist').net(fid.to_input(ddpm.to_uint8(x))).argmax(1)
+    drawn = mnist_logits(ddpm.to_uint8(x)).argmax(1)
     assert (drawn == wanted).float().mean() >= 0.8, drawn.tolist()
 
 # --- bad input: one line, before any long work, nothing lost --------------------------------------
