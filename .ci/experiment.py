@@ -1,0 +1,123 @@
+"""The recipe search's candidates (RESULTS.md), as patches on ddpm.py chosen by environment variables:
+
+    DDPM_N0=1 DDPM_EMAS=0.998,0.9995,0.9998 python .ci/experiment.py train --epochs 60 --out ~/runs/N60c
+    DDPM_N0=1 python .ci/experiment.py sample --ckpt ~/runs/N60c/ema_0.9995.pt --n 10000 --npz s.npz --out ''
+    python .ci/experiment.py export ~/runs/N60c/ckpt.pt 0.9995 ~/runs/N60c/ema_0.9995.pt
+
+Otherwise it runs ddpm.py's command line unchanged. The candidates:
+
+- DDPM_N0=1: the first down block without its GroupNorm (h = SiLU(conv(x) + time)), so that the net sees each
+  image's mean level, which GroupNorm removes. Sampling such a run needs DDPM_N0=1 too.
+- DDPM_EMAS=d1,d2,...: more EMAs of the weights beside the run's own, per-step decays, saved beside the
+  checkpoint as OUT/emas.pt at every save; `export` makes a sampling checkpoint of one of them.
+- DDPM_TDIST=edm: training steps drawn as in EDM (Karras et al. 2022): ln(sigma) ~ N(-1.2, 1.2^2), sigma =
+  sqrt((1 - abar) / abar), mapped to the step of the nearest log-SNR.
+- DDPM_BETA2=0.99: Adam's beta2.
+
+It lives beside the CI script to keep the top level as the design card has it; CI does not run it.
+"""
+import copy
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import ddpm  # noqa: E402
+from export import export  # noqa: E402
+
+
+def first_block_without_norm():
+    init = ddpm.ScoreNet.__init__
+
+    def patched(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.down[0].norm = nn.Identity()
+    ddpm.ScoreNet.__init__ = patched
+
+
+def extra_emas(decays):
+    """Keep an EMA per decay in `emas`, updated after the run's own, saved with each checkpoint."""
+    emas, run = {}, {}
+    ema_update, write_atomic, open_run = ddpm.ema_update, ddpm.write_atomic, ddpm.open_run
+
+    def patched_open_run(out):
+        run['side'] = Path(out) / 'emas.pt'
+        return open_run(out)
+
+    def patched_ema_update(ema, model, step, decay):
+        ema_update(ema, model, step, decay)
+        if not emas:
+            saved = torch.load(run['side'], weights_only=True) if step > 0 else None
+            if saved is not None and saved['step'] != step:
+                sys.exit(f"{run['side']} is at step {saved['step']}, the run at {step}")
+            for d in decays:
+                emas[d] = copy.deepcopy(ema)
+                if saved is not None:
+                    emas[d].load_state_dict(saved['emas'][d])
+        for d, extra in emas.items():
+            ema_update(extra, model, step, d)
+        run['step'] = step + 1
+
+    def patched_write_atomic(path, write):
+        write_atomic(path, write)
+        if Path(path).name == 'ckpt.pt' and emas:
+            state = {'step': run['step'], 'emas': {d: m.state_dict() for d, m in emas.items()}}
+            write_atomic(run['side'], lambda f: torch.save(state, f))
+
+    ddpm.open_run, ddpm.ema_update, ddpm.write_atomic = (
+        patched_open_run, patched_ema_update, patched_write_atomic)
+
+
+def edm_steps():
+    loss = ddpm.Diffusion.loss
+
+    def patched(self, model, x0, labels=None, *, t=None, noise=None, weight_max=5.0):
+        if t is None:
+            log_sigma = -1.2 + 1.2 * torch.randn(len(x0), device=x0.device)
+            # lam is half the log-SNR: ln sigma = -lam
+            distance = (log_sigma[:, None] + self.lam[None, 1:].to(x0.device)).abs()
+            t = distance.argmin(dim=1) + 1
+        return loss(self, model, x0, labels, t=t, noise=noise, weight_max=weight_max)
+    ddpm.Diffusion.loss = patched
+
+
+def adam_beta2(beta2):
+    adam = torch.optim.Adam
+
+    def patched(params, **kwargs):
+        return adam(params, betas=(0.9, beta2), **kwargs)
+    ddpm.torch.optim.Adam = patched
+
+
+def export_ema(source, decay, target):
+    """A sampling checkpoint of one EMA of a run: 'main' (the run's own) or a decay in OUT/emas.pt."""
+    if decay != 'main':
+        ckpt = torch.load(source, map_location='cpu', weights_only=True)
+        saved = torch.load(Path(source).with_name('emas.pt'), weights_only=True)
+        if saved['step'] != ckpt['step']:
+            sys.exit(f"emas.pt is at step {saved['step']}, {source} at {ckpt['step']}")
+        ckpt['ema'] = saved['emas'][float(decay)]
+        ckpt['args']['ema'] = float(decay)
+        source = str(target) + '.full'
+        torch.save(ckpt, source)
+    export(source, target)
+    if decay != 'main':
+        os.remove(source)
+
+
+if __name__ == '__main__':
+    if os.environ.get('DDPM_N0') == '1':
+        first_block_without_norm()
+    if os.environ.get('DDPM_EMAS'):
+        extra_emas([float(d) for d in os.environ['DDPM_EMAS'].split(',')])
+    if os.environ.get('DDPM_TDIST') == 'edm':
+        edm_steps()
+    if os.environ.get('DDPM_BETA2'):
+        adam_beta2(float(os.environ['DDPM_BETA2']))
+    if sys.argv[1:2] == ['export']:
+        export_ema(*sys.argv[2:])
+    else:
+        sys.exit(ddpm.main())
