@@ -26,7 +26,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ddpm  # noqa: E402
-from export import export  # noqa: E402
+from export import write_sampling_checkpoint  # noqa: E402
 
 
 def first_block_without_norm():
@@ -94,18 +94,14 @@ def adam_beta2(beta2):
 
 def export_ema(source, decay, target):
     """A sampling checkpoint of one EMA of a run: 'main' (the run's own) or a decay in OUT/emas.pt."""
+    ckpt = ddpm.load_checkpoint(source, ddpm.RESUME_PARTS)
     if decay != 'main':
-        ckpt = torch.load(source, map_location='cpu', weights_only=True)
         saved = torch.load(Path(source).with_name('emas.pt'), weights_only=True)
         if saved['step'] != ckpt['step']:
             sys.exit(f"emas.pt is at step {saved['step']}, {source} at {ckpt['step']}")
         ckpt['ema'] = saved['emas'][float(decay)]
         ckpt['args']['ema'] = float(decay)
-        source = str(target) + '.full'
-        torch.save(ckpt, source)
-    export(source, target)
-    if decay != 'main':
-        os.remove(source)
+    write_sampling_checkpoint(ckpt, target)
 
 
 if __name__ == '__main__':

@@ -18,7 +18,12 @@ import ddpm  # noqa: E402
 
 
 def export(source, target):
-    ckpt = ddpm.load_checkpoint(source, ddpm.RESUME_PARTS)
+    """Write the sampling checkpoint of the run checkpoint `source` to `target`."""
+    write_sampling_checkpoint(ddpm.load_checkpoint(source, ddpm.RESUME_PARTS), target)
+
+
+def write_sampling_checkpoint(ckpt, target):
+    """Write a loaded run checkpoint's EMA, config, step and flags to `target`."""
     args = {name: value for name, value in ckpt['args'].items()
             if name not in ('data', 'out', 'resume')}
     # left out, they followed the batch: train() resolves them so
