@@ -3,6 +3,7 @@
     DDPM_N0=1 DDPM_EMAS=0.998,0.9995,0.9998 python .ci/experiment.py train --epochs 60 --out ~/runs/N60c
     DDPM_N0=1 python .ci/experiment.py sample --ckpt ~/runs/N60c/ema_0.9995.pt --n 10000 --npz s.npz --out ''
     python .ci/experiment.py export ~/runs/N60c/ckpt.pt 0.9995 ~/runs/N60c/ema_0.9995.pt
+    python .ci/experiment.py export ~/runs/N60c/ckpt.pt model ~/runs/N60c/raw.pt  # no EMA
 
 Otherwise it runs ddpm.py's command line unchanged. The candidates:
 
@@ -93,9 +94,13 @@ def adam_beta2(beta2):
 
 
 def export_ema(source, decay, target):
-    """A sampling checkpoint of one EMA of a run: 'main' (the run's own) or a decay in OUT/emas.pt."""
+    """A sampling checkpoint of one EMA of a run: 'main' (the run's own), a decay in OUT/emas.pt,
+    or 'model': the trained weights themselves, no EMA."""
     ckpt = ddpm.load_checkpoint(source, ddpm.RESUME_PARTS)
-    if decay != 'main':
+    if decay == 'model':
+        ckpt['ema'] = ckpt['model']
+        ckpt['args']['ema'] = 0.0
+    elif decay != 'main':
         saved = torch.load(Path(source).with_name('emas.pt'), weights_only=True)
         if saved['step'] != ckpt['step']:
             sys.exit(f"emas.pt is at step {saved['step']}, {source} at {ckpt['step']}")
