@@ -22,6 +22,11 @@ Otherwise it runs ddpm.py's command line unchanged. The candidates:
 - DDPM_SOLVER=3m (sampling, dpm++ unconditional): DPM-Solver++(3M) SDE, k-diffusion's sample_dpmpp_3m_sde
   in VP form: the exact step for x0 held constant, plus corrections from the first and second differences
   of the last three x0 estimates in lam. Same noise draws as the default's 2M, so a seed pairs them exactly.
+- DDPM_BROWNIAN=1 (sampling, dpm++ unconditional): one noise path per sample on the finest grid, every step
+  of T, shared by every step count: a coarse step's noise is the exact sum of the fine steps' within it
+  (each fine step's noise decayed as the SDE decays it to the coarse step's end). So a seed pairs 50, 100
+  and 200 steps on one path, and their FIDs differ by the discretization alone. At steps = T it draws what
+  the default sampler draws (x_T, then one noise per step, in the generator's order).
 
 It lives beside the CI script to keep the top level as the design card has it; CI does not run it.
 """
@@ -165,6 +170,47 @@ def sample_3m(model, diffusion, shape, *, sampler='dpm++', steps=None, eta=1.0, 
     return x.clamp(-1, 1)
 
 
+@torch.no_grad()
+def sample_brownian(model, diffusion, shape, *, sampler='dpm++', steps=None, eta=1.0, labels=None,
+                    guidance=1.0, guidance_sigmas=(0.28, 2.0), generator=None):
+    """ddpm.sample's dpm++ (unconditional), its noise taken from one path on the finest grid."""
+    d = diffusion
+    sampler, steps, eta = ddpm.sampler_settings(d, sampler, steps, eta)
+    if sampler != 'dpm++' or labels is not None:
+        sys.exit('DDPM_BROWNIAN=1: dpm++ without labels only')
+    parameter = next(model.parameters())
+    device, dtype = parameter.device, parameter.dtype
+    ts, lam, lam64 = ddpm.sampling_steps(d, steps), d.lam, d.lam.double()
+    x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    # path[T - k]: the unit noise of the fine step k -> k - 1, for k = T..2 (the step to 0 has none)
+    path = torch.randn((d.T - 1, *shape), generator=generator, device=device, dtype=dtype)
+    x0_prev = None
+    for i, (t, s) in enumerate(zip(ts[:-1], ts[1:])):
+        eps, x0 = d.predict(model, x, t)
+        if s == 0:
+            x = x0
+        else:
+            # the lines of ddpm.sample's dpm++ step
+            h = lam[s] - lam[t]
+            D = x0
+            if x0_prev is not None:
+                D = x0 + (x0 - x0_prev) * h / (2 * (lam[t] - lam[ts[i - 1]]))
+            sigma_s, sigma_t = (1 - d.abar[s]).sqrt(), (1 - d.abar[t]).sqrt()
+            x = sigma_s / sigma_t * (-eta * h).exp() * x
+            x = x - d.abar[s].sqrt() * (-(1 + eta) * h).expm1() * D
+            if eta:
+                # the fine steps' noises, each decayed to s as the SDE decays it, in unit variance
+                noise = torch.zeros_like(x)
+                total = (-torch.expm1(-2 * eta * (lam64[s] - lam64[t]))).sqrt()
+                for k in range(t, s, -1):
+                    decay = torch.exp(-eta * (lam64[s] - lam64[k - 1]))
+                    scale = decay * (-torch.expm1(-2 * eta * (lam64[k - 1] - lam64[k]))).sqrt()
+                    noise += float(scale / total) * path[d.T - k]
+                x = x + sigma_s * (-torch.expm1(-2 * eta * h)).sqrt() * noise
+        x0_prev = x0
+    return x.clamp(-1, 1)
+
+
 def export_ema(source, decay, target):
     """A sampling checkpoint of one EMA of a run: 'main' (the run's own), a decay in OUT/emas.pt,
     or 'model': the trained weights themselves, no EMA."""
@@ -196,6 +242,8 @@ if __name__ == '__main__':
         sampling_without_step_T()
     if os.environ.get('DDPM_SOLVER') == '3m':
         ddpm.sample = sample_3m
+    if os.environ.get('DDPM_BROWNIAN') == '1':
+        ddpm.sample = sample_brownian
     if sys.argv[1:2] == ['export']:
         export_ema(*sys.argv[2:])
     else:
