@@ -131,17 +131,25 @@ def sampling_without_step_T():
     ddpm.sampling_steps = patched
 
 
+def dpmpp_start(patch, model, diffusion, shape, sampler, steps, eta, labels, generator):
+    """What an experimental dpm++ sampler starts from, as ddpm.sample does: its eta, the steps
+    placed, the model's device and dtype, and x_T."""
+    sampler, steps, eta = ddpm.sampler_settings(diffusion, sampler, steps, eta)
+    if sampler != 'dpm++' or labels is not None:
+        sys.exit(f'{patch}: dpm++ without labels only')
+    parameter = next(model.parameters())
+    device, dtype = parameter.device, parameter.dtype
+    x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    return eta, ddpm.sampling_steps(diffusion, steps), device, dtype, x
+
+
 @torch.no_grad()
 def sample_3m(model, diffusion, shape, *, sampler='dpm++', steps=None, eta=1.0, labels=None,
               guidance=1.0, guidance_sigmas=(0.28, 2.0), generator=None):
     d = diffusion
-    sampler, steps, eta = ddpm.sampler_settings(d, sampler, steps, eta)
-    if sampler != 'dpm++' or labels is not None:
-        sys.exit('DDPM_SOLVER=3m: dpm++ without labels only')
-    parameter = next(model.parameters())
-    device, dtype = parameter.device, parameter.dtype
-    ts, lam = ddpm.sampling_steps(d, steps), d.lam.double()
-    x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    eta, ts, device, dtype, x = dpmpp_start('DDPM_SOLVER=3m', model, d, shape, sampler, steps, eta,
+                                            labels, generator)
+    lam = d.lam.double()
     x0s, hs = [], []  # the last x0 estimates and step sizes in lam, newest first
     for t, s in zip(ts[:-1], ts[1:]):
         _, x0 = d.predict(model, x, t)
@@ -175,13 +183,9 @@ def sample_brownian(model, diffusion, shape, *, sampler='dpm++', steps=None, eta
                     guidance=1.0, guidance_sigmas=(0.28, 2.0), generator=None):
     """ddpm.sample's dpm++ (unconditional), its noise taken from one path on the finest grid."""
     d = diffusion
-    sampler, steps, eta = ddpm.sampler_settings(d, sampler, steps, eta)
-    if sampler != 'dpm++' or labels is not None:
-        sys.exit('DDPM_BROWNIAN=1: dpm++ without labels only')
-    parameter = next(model.parameters())
-    device, dtype = parameter.device, parameter.dtype
-    ts, lam, lam64 = ddpm.sampling_steps(d, steps), d.lam, d.lam.double()
-    x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    eta, ts, device, dtype, x = dpmpp_start('DDPM_BROWNIAN=1', model, d, shape, sampler, steps, eta,
+                                            labels, generator)
+    lam, lam64 = d.lam, d.lam.double()
     # path[T - k]: the unit noise of the fine step k -> k - 1, for k = T..2 (the step to 0 has none)
     path = torch.randn((d.T - 1, *shape), generator=generator, device=device, dtype=dtype)
     x0_prev = None
@@ -190,7 +194,7 @@ def sample_brownian(model, diffusion, shape, *, sampler='dpm++', steps=None, eta
         if s == 0:
             x = x0
         else:
-            # the lines of ddpm.sample's dpm++ step
+            # ddpm.sample's dpm++ step, line for line, so that at steps = T it draws the same samples
             h = lam[s] - lam[t]
             D = x0
             if x0_prev is not None:
