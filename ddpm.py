@@ -783,8 +783,9 @@ def sample_command(args):
         grid = (x[:400] + 1) / 2
         write_atomic(args.out, lambda f: torchvision.utils.save_image(grid, f, nrow=nrow,
                                                                       format=image_type))
+    # steps, not network evaluations: a guided step evaluates the net twice
     say(f'done: {n} samples in {seconds:.1f}s, {n / seconds:.1f} samples/s, {args.sampler} with '
-        f'{steps} network evaluations each; wrote {", ".join(outputs)}')
+        f'{steps} steps; wrote {", ".join(outputs)}')
 
 
 # --- The command line -----------------------------------------------------------------------------

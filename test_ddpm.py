@@ -581,7 +581,7 @@ def test_cli_train_sample_resume_end_to_end(tmp_path):
             '--npz', str(tmp_path / 's.npz'), '--batch', '4')
     assert r.returncode == 0, r.stderr
     # the default sampler: 100 steps, or T (20) if fewer
-    assert 'dpm++ with 20 network evaluations' in r.stdout
+    assert 'dpm++ with 20 steps;' in r.stdout
     # 10 digits, 4 per row, padding 2
     assert Image.open(tmp_path / 'g.png').size == (4 * 30 + 2, 3 * 30 + 2)
     samples = np.load(tmp_path / 's.npz')['samples']
@@ -740,7 +740,7 @@ def test_sample_without_ckpt_takes_the_trained_run_and_a_named_missing_ckpt_is_a
     r = run('sample', '--n', '4', '--out', 'g.png', '--device', 'cpu', cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert 'no --ckpt: sampling runs/mnist/ckpt.pt' in r.stdout
-    assert 'dpm++ with 20 network evaluations' in r.stdout  # the tiny run's T, not the shipped 200
+    assert 'dpm++ with 20 steps;' in r.stdout  # the tiny run's T, not the shipped 200
     one_line_error(run('sample', '--ckpt', 'runs/other/ckpt.pt', '--device', 'cpu', cwd=tmp_path),
                    'checkpoint runs/other/ckpt.pt not found (train one with: python ddpm.py train)')
     # a chosen digit takes the conditional run, runs/cond, and names the command that makes one
