@@ -14,6 +14,9 @@ Otherwise it runs ddpm.py's command line unchanged. The candidates:
 - DDPM_TDIST=edm: training steps drawn as in EDM (Karras et al. 2022): ln(sigma) ~ N(-1.2, 1.2^2), sigma =
   sqrt((1 - abar) / abar), mapped to the step of the nearest log-SNR.
 - DDPM_BETA2=0.99: Adam's beta2.
+- DDPM_EPS_SCALE=1.005 (sampling): epsilon scaling (Ning et al. 2024): the predicted noise divided by
+  this at every step, x0 recomputed from it, against the exposure bias (the net's inputs at sampling
+  drift from the training's q(x_t | x0)). Noise draws unchanged, so a seed pairs it with the default.
 - DDPM_LAM_TOP=-3 (sampling): the first step goes from T straight to the step whose lam = ln(alpha / sigma)
   is nearest -3, and the rest are even in lam from there, instead of from T's -8.3: the steps at noise
   where x0's estimate is still the mean digit go to the middle.
@@ -106,6 +109,19 @@ def adam_beta2(beta2):
     def patched(params, **kwargs):
         return adam(params, betas=(0.9, beta2), **kwargs)
     ddpm.torch.optim.Adam = patched
+
+
+def scaled_eps(scale):
+    """Epsilon scaling (Ning et al. 2024, "Elucidating the exposure bias in diffusion models"): the
+    sampler sees the predicted noise divided by `scale`, and x0 recomputed from it, at every step."""
+    predict = ddpm.Diffusion.predict
+
+    def patched(self, model, x, t, labels=None, **kwargs):
+        eps, _ = predict(self, model, x, t, labels, **kwargs)
+        eps = eps / scale
+        abar = self.abar[t].to(x.dtype)
+        return eps, (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+    ddpm.Diffusion.predict = patched
 
 
 def sampling_steps_from(lam_top):
@@ -240,6 +256,8 @@ if __name__ == '__main__':
         edm_steps()
     if os.environ.get('DDPM_BETA2'):
         adam_beta2(float(os.environ['DDPM_BETA2']))
+    if os.environ.get('DDPM_EPS_SCALE'):
+        scaled_eps(float(os.environ['DDPM_EPS_SCALE']))
     if os.environ.get('DDPM_LAM_TOP'):
         sampling_steps_from(float(os.environ['DDPM_LAM_TOP']))
     if os.environ.get('DDPM_SKIP_T') == '1':
