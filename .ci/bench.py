@@ -3,6 +3,7 @@
     python .ci/bench.py                      # the README's table: three models at batch 100 and 32
     python .ci/bench.py --steps 50 --compile # options apply to every row
     python .ci/bench.py --rows depth2:32,depth2:256 --fast  # on CUDA: ddpm.py train's fast path
+    python .ci/bench.py --rows depth2:32,depth2@32-64-160-320:32  # other widths (train --widths)
 
 The reference is the MNIST ScoreNet of Yang Song's score-based tutorial, the model the reference DDPM
 used: channels 32-64-128-256, unpadded convs, GroupNorm, Fourier time embedding, predicting the noise
@@ -55,8 +56,13 @@ def one(args):
     if args.device == 'auto':
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     device = torch.device(args.device)
-    model = (ReferenceScoreNet() if args.model == 'reference'
-             else ddpm.ScoreNet(depth=int(args.model.removeprefix('depth')))).to(device)  # 'depth2': ScoreNet(depth=2)
+    if args.model == 'reference':
+        model = ReferenceScoreNet()
+    else:  # 'depth2': ScoreNet(depth=2); 'depth2@32-64-160-320': with those widths
+        depth, _, widths = args.model.removeprefix('depth').partition('@')
+        widths = tuple(int(w) for w in widths.split('-')) if widths else (32, 64, 128, 256)
+        model = ddpm.ScoreNet(widths=widths, depth=int(depth))
+    model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     x = torch.rand(args.batch, 1, 28, 28, device=device) * 2 - 1
@@ -92,7 +98,8 @@ def main():
     p.add_argument('--steps', type=int, default=100, help='timed steps per row')
     p.add_argument('--warmup', type=int, default=10, help='untimed steps first')
     p.add_argument('--rows', default='reference:100,depth1:100,depth2:100,reference:32,depth1:32,depth2:32',
-                   help='model:batch,... (model: reference, or depthN for ddpm.ScoreNet(depth=N))')
+                   help='model:batch,... (model: reference, or depthN for ddpm.ScoreNet(depth=N), '
+                        'depthN@W1-W2-W3-W4 with those widths)')
     p.add_argument('--device', default='auto')
     p.add_argument('--compile', action='store_true')
     p.add_argument('--amp', action='store_true')
