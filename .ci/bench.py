@@ -60,8 +60,8 @@ def one(args):
         model = ReferenceScoreNet()
     else:  # 'depth2': ScoreNet(depth=2); 'depth2@32-64-160-320': with those widths
         depth, _, widths = args.model.removeprefix('depth').partition('@')
-        widths = tuple(int(w) for w in widths.split('-')) if widths else (32, 64, 128, 256)
-        model = ddpm.ScoreNet(widths=widths, depth=int(depth))
+        sizes = {'widths': tuple(int(w) for w in widths.split('-'))} if widths else {}
+        model = ddpm.ScoreNet(depth=int(depth), **sizes)
     model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -119,7 +119,7 @@ def scaled_eps(scale):
     def patched(self, model, x, t, labels=None, **kwargs):
         eps, _ = predict(self, model, x, t, labels, **kwargs)
         eps = eps / scale
-        abar = self.abar[t].to(x.dtype)
+        abar = self.abar_at(torch.full((len(x),), t, device=x.device), x)
         return eps, (x - (1 - abar).sqrt() * eps) / abar.sqrt()
     ddpm.Diffusion.predict = patched
 
